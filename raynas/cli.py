@@ -1,0 +1,174 @@
+"""The `raynas` command. Machine-readable output (JSON) goes to stdout, progress to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from raynas.errors import UserError
+
+# Each subcommand module registers itself here: name -> (add_arguments, run)
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]
+
+
+def parse_arch(text: str, space) -> object:
+    """An arch from inline JSON or from a file containing JSON, validated against `space`."""
+    from pathlib import Path
+
+    source = text
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        source = Path(text).read_text()
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--arch: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    return space.validate(value)
+
+
+# ---- spaces ------------------------------------------------------------------------------------
+def cmd_spaces_list(args) -> None:
+    from raynas.space import builtin_space_names, load_space
+
+    rows = [load_space(n).summary() for n in builtin_space_names()]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['name']:<16} family={r['family']:<11} dims={r['num_dims']:<4} "
+                  f"log10|A|={r['log10_cardinality']:.2f}")
+
+
+def cmd_spaces_sample(args) -> None:
+    import numpy as np
+
+    from raynas.space import load_space
+
+    if args.n < 1:
+        raise UserError(f"-n: must be a positive integer, got {args.n}")
+    space = load_space(args.space)
+    rng = np.random.default_rng(args.seed)
+    for _ in range(args.n):
+        print(space.sample(rng).to_json())
+
+
+def cmd_spaces_show(args) -> None:
+    from raynas.space import load_space
+
+    space = load_space(args.space)
+    info = space.summary()
+    info["dims"] = {d.name: list(d.choices) for d in space.dims}
+    info["min_arch"] = space.min_arch().to_dict()
+    info["max_arch"] = space.max_arch().to_dict()
+    print(json.dumps(info, indent=1))
+
+
+# ---- arch ----------------------------------------------------------------------------------------
+def _space_and_supernet(args):
+    from raynas.space import load_space
+    from raynas.supernets import build_supernet
+
+    space = load_space(args.space, num_classes=getattr(args, "num_classes", None),
+                       resolution=getattr(args, "resolution", None))
+    return space, build_supernet(space)
+
+
+def cmd_arch_cost(args) -> None:
+    space, supernet = _space_and_supernet(args)
+    arch = parse_arch(args.arch, space)
+    print(json.dumps({"space": space.name, "arch": arch.to_dict(), **supernet.cost(arch)}))
+
+
+# ---- export --------------------------------------------------------------------------------------
+def cmd_export(args) -> None:
+    from raynas.hw.onnx_export import export_onnx
+    from raynas.supernets.checkpoint import load_supernet_weights, read_checkpoint
+
+    if args.resolution is not None and args.resolution < 8:
+        raise UserError(f"--resolution: must be an integer >= 8, got {args.resolution}")
+    if args.checkpoint:
+        # The checkpoint decides num_classes (e.g. a digits-trained supernet has 10 classes).
+        args.num_classes = read_checkpoint(args.checkpoint)["num_classes"]
+    space, supernet = _space_and_supernet(args)
+    arch = parse_arch(args.arch, space)
+    if args.checkpoint:
+        load_supernet_weights(supernet, args.checkpoint)
+    subnet = supernet.eval().extract(arch)
+    result = export_onnx(subnet, supernet.input_shape(1), args.out)
+    print(json.dumps({"space": space.name, "arch": arch.to_dict(), **result, **supernet.cost(arch)}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raynas", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    spaces = sub.add_parser("spaces", help="list, show and sample search spaces")
+    spaces_sub = spaces.add_subparsers(dest="spaces_command", required=True)
+    p = spaces_sub.add_parser("list", help="the built-in spaces")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_spaces_list)
+    p = spaces_sub.add_parser("show", help="dimensions and extreme archs of one space")
+    p.add_argument("space")
+    p.set_defaults(func=cmd_spaces_show)
+    p = spaces_sub.add_parser("sample", help="random archs, one JSON object per line")
+    p.add_argument("space")
+    p.add_argument("-n", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_spaces_sample)
+
+    arch = sub.add_parser("arch", help="inspect one architecture")
+    arch_sub = arch.add_subparsers(dest="arch_command", required=True)
+    p = arch_sub.add_parser("cost", help="exact params and MACs")
+    p.add_argument("--space", required=True)
+    p.add_argument("--arch", required=True, help="JSON object or a file holding one")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--resolution", type=int)
+    p.set_defaults(func=cmd_arch_cost)
+
+    p = sub.add_parser("export", help="extract a subnet and write it as verified ONNX")
+    p.add_argument("--space", required=True)
+    p.add_argument("--arch", required=True, help="JSON object or a file holding one")
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--resolution", type=int)
+    p.set_defaults(func=cmd_export, num_classes=None)
+
+    for register in _extension_commands():
+        register(sub)
+    return parser
+
+
+def _extension_commands() -> list[Callable]:
+    """Subcommands living next to their library code (train, profile, search, ...)."""
+    import importlib
+
+    registers = []
+    for module in ("raynas.train.cli", "raynas.hw.cli", "raynas.search.cli", "raynas.tune.cli",
+                   "raynas.biglittle.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if not module.startswith(exc.name or "?"):  # a missing dependency is a real error
+                raise
+            continue
+        registers.append(mod.register)
+    return registers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        print(f"raynas: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raynas: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

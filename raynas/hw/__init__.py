@@ -1,0 +1,1 @@
+"""Hardware: devices, ONNX export, onnxruntime measurement, latency models."""

@@ -1,0 +1,109 @@
+"""Load search spaces declared in YAML (`spaces/*.yaml`, or a user's own file)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raynas.space.space import SearchSpace, SpaceError
+
+# family name -> module implementing `build_space(cfg) -> SearchSpace` and `build_supernet(space, **kw)`
+FAMILIES = {
+    "nb201": "raynas.supernets.nb201",
+    "uib": "raynas.supernets.uib",
+    "autovit": "raynas.supernets.autovit",
+    "autoformer": "raynas.supernets.autoformer",
+    "scanedge": "raynas.supernets.scanedge",
+    "mbv3": "raynas.supernets.mbv3",
+}
+
+COMMON_KEYS = ("name", "family", "description", "resolution", "num_classes", "in_channels")
+
+
+def builtin_spaces_dir() -> Path:
+    """`spaces/` ships inside the wheel as raynas/spaces; an editable checkout keeps it at the root."""
+    pkg = Path(__file__).resolve().parents[1]
+    for candidate in (pkg / "spaces", pkg.parent / "spaces"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("built-in spaces directory not found (expected raynas/spaces or ./spaces)")
+
+
+def builtin_space_names() -> list[str]:
+    return sorted(p.stem for p in builtin_spaces_dir().glob("*.yaml"))
+
+
+def check_keys(cfg: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    """Refuse unknown keys, naming the first one and the allowed set."""
+    allowed = list(allowed)
+    for key in cfg:
+        if key not in allowed:
+            raise SpaceError(f"{where}: unknown field '{key}'; allowed: {allowed}")
+
+
+def require(cfg: Mapping[str, Any], key: str, where: str, kind: type | tuple = object) -> Any:
+    if key not in cfg:
+        raise SpaceError(f"{where}.{key}: missing")
+    value = cfg[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise SpaceError(f"{where}.{key}: expected {names}, got {value!r}")
+    return value
+
+
+def read_space_yaml(path: Path) -> dict:
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SpaceError(f"space file {path}: malformed YAML{where}") from None
+    if not isinstance(cfg, dict):
+        raise SpaceError(f"space file {path}: expected a mapping at the top level")
+    return cfg
+
+
+@cache
+def _family_module(family: str):
+    return importlib.import_module(FAMILIES[family])
+
+
+def family_module(family: str):
+    if family not in FAMILIES:
+        raise SpaceError(f"family: unknown '{family}'; allowed: {sorted(FAMILIES)}")
+    return _family_module(family)
+
+
+def space_from_config(cfg: Mapping[str, Any], **overrides: Any) -> SearchSpace:
+    """Build a space from a parsed YAML mapping. `overrides` replace common keys (num_classes, ...)."""
+    cfg = dict(cfg)
+    for key, value in overrides.items():
+        if value is not None:
+            if key not in ("resolution", "num_classes", "in_channels"):
+                raise SpaceError(f"override '{key}': allowed overrides are resolution, num_classes, in_channels")
+            cfg[key] = value
+    name = require(cfg, "name", "space", str)
+    family = require(cfg, "family", f"space {name}", str)
+    for key in ("resolution", "num_classes", "in_channels"):
+        if key in cfg and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1):
+            raise SpaceError(f"space {name}.{key}: expected a positive integer, got {cfg[key]!r}")
+    return family_module(family).build_space(cfg)
+
+
+def load_space(name_or_path: str | Path, **overrides: Any) -> SearchSpace:
+    """A built-in space by name (`nb201`, `autovit-s`, ...) or a YAML file path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if text.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise SpaceError(f"space: file {text} does not exist")
+        return space_from_config(read_space_yaml(path), **overrides)
+    names = builtin_space_names()
+    if text not in names:
+        raise SpaceError(f"space: unknown '{text}'; allowed: {names} or a path to a .yaml file")
+    return space_from_config(read_space_yaml(builtin_spaces_dir() / f"{text}.yaml"), **overrides)

@@ -1,0 +1,60 @@
+"""Supernet checkpoints that load with `torch.load(weights_only=True)` and know their space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raynas.errors import UserError
+from raynas.supernets.base import Supernet
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def supernet_state(supernet: Supernet, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "format": "raynas-supernet/1",
+        "space": supernet.space.name,
+        "space_config": dict(supernet.space.config),
+        "num_classes": supernet.space.num_classes,
+        "resolution": supernet.space.resolution,
+        "model": supernet.state_dict(),
+        **(extra or {}),
+    }
+
+
+def save_supernet(supernet: Supernet, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(supernet_state(supernet, extra), tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        raise CheckpointError(f"checkpoint: {path} is not a raynas checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != "raynas-supernet/1":
+        raise CheckpointError(f"checkpoint: {path} is not a raynas supernet checkpoint")
+    return state
+
+
+def load_supernet_weights(supernet: Supernet, path: str | Path, strict: bool = True) -> dict[str, Any]:
+    """Load weights into `supernet`; a checkpoint of another space is refused."""
+    state = read_checkpoint(path)
+    if state["space"] != supernet.space.name:
+        raise CheckpointError(
+            f"checkpoint: {path} was trained on space '{state['space']}', not '{supernet.space.name}'"
+        )
+    supernet.load_state_dict(state["model"], strict=strict)
+    return state
