@@ -1,0 +1,25 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# Tests run on 2 cores next to Ray workers: one intra-op thread keeps timings sane.
+torch.set_num_threads(1)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the whole session (2 CPUs, like CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
