@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raynas: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `raynas spaces show X | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     return int(result or 0)
 
 

@@ -92,7 +92,9 @@ def space_from_config(cfg: Mapping[str, Any], **overrides: Any) -> SearchSpace:
     for key in ("resolution", "num_classes", "in_channels"):
         if key in cfg and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1):
             raise SpaceError(f"space {name}.{key}: expected a positive integer, got {cfg[key]!r}")
-    return family_module(family).build_space(cfg)
+    space = family_module(family).build_space(cfg)
+    space.config = dict(cfg)  # the full declaration, so a checkpoint can rebuild exactly this space
+    return space
 
 
 def load_space(name_or_path: str | Path, **overrides: Any) -> SearchSpace:

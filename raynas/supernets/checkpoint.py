@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,35 @@ def save_supernet(supernet: Supernet, path: str | Path, extra: dict[str, Any] | 
     return path
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint: file {path} does not exist")
+def read_checkpoint(path: str | Path | bytes) -> dict[str, Any]:
+    """A checkpoint's state from a file, or from its bytes (shipped to remote actors via the object store)."""
+    if isinstance(path, bytes):
+        source, path = io.BytesIO(path), "<checkpoint bytes>"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint: file {path} does not exist")
+        source = path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
         raise CheckpointError(f"checkpoint: {path} is not a raynas checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != "raynas-supernet/1":
         raise CheckpointError(f"checkpoint: {path} is not a raynas supernet checkpoint")
     return state
+
+
+def load_supernet(path: str | Path | bytes, **supernet_kwargs: Any) -> Supernet:
+    """Rebuild the checkpoint's space and supernet (as trained: classes, resolution) with its weights."""
+    from raynas.space import space_from_config
+    from raynas.supernets import build_supernet
+
+    state = read_checkpoint(path)
+    space = space_from_config(state["space_config"])
+    kwargs = {**state.get("supernet_kwargs", {}), **supernet_kwargs}
+    supernet = build_supernet(space, **kwargs)
+    supernet.load_state_dict(state["model"])
+    return supernet.eval()
 
 
 def load_supernet_weights(supernet: Supernet, path: str | Path, strict: bool = True) -> dict[str, Any]:

@@ -1,0 +1,332 @@
+"""NAS-Bench-201 topology space (seed 000, Kshot-Hypernet) and its weight-sharing supernet.
+
+Cell: `nodes` nodes, one edge j<-i for every i<j (4 nodes -> 6 edges, dims `edge_1_0`, `edge_2_0`,
+`edge_2_1`, `edge_3_0`, `edge_3_1`, `edge_3_2`), each edge one of the benchmark's ops; node j sums its
+incoming edges and the cell outputs the last node. Macro skeleton = the benchmark's inference
+network (TinyNetwork): stem conv3x3+BN, stages of `cells_per_stage` cells with `channels[s]` channels,
+a ResNet basic block with stride 2 between stages, BN+ReLU, global average pool, linear classifier.
+
+Every one of the 5**6 = 15,625 cells is its own arch (no canonicalisation): the benchmark indexes all
+of them and builds every edge, even those that cannot reach the output, so costs match its tables.
+
+Supernet: single path for `forward(x, arch)`; `forward(x, None)` is the teacher of seed 000 (eq. 5), a
+DARTS mixture over all ops of every edge weighted by softmax(`arch_params`), one (edges, ops) matrix
+shared by all cells. Ops do not share weights (a topology space; weights differ per edge and op);
+all convs read their weight through `WeightSlotConv2d.resolve`, so `set_weight_generator` can supply
+arch-conditioned weights (Kshot-Hypernet) for any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from raynas.space import Arch, Dim, SearchSpace, SpaceError, check_keys, require
+from raynas.space.loader import COMMON_KEYS
+from raynas.supernets.base import Block, Supernet
+from raynas.supernets.nb201_ops import (
+    CONV_KERNELS,
+    NO_WEIGHTS,
+    OP_COST_RANK,
+    OP_NAMES,
+    Head,
+    ResNetReduction,
+    Stem,
+    SuperCell,
+    WeightSlotConv2d,
+)
+
+FAMILY_KEYS = ("channels", "cells_per_stage", "nodes", "ops")
+
+# fn(arch or None for the teacher) -> {conv slot name: weight tensor}; missing names use stored weights.
+WeightGenerator = Callable[[Arch | None], Mapping[str, torch.Tensor]]
+
+
+def edge_name(to: int, src: int) -> str:
+    return f"edge_{to}_{src}"
+
+
+@dataclass
+class NB201Space(SearchSpace):
+    """The cell-topology space. Dims are the edges in the benchmark's order (by target, then source).
+
+    The structure is kept in fields (not read back from `config`, which holds the raw declaration).
+    """
+
+    channels: tuple[int, ...] = (16, 32, 64)
+    cells_per_stage: int = 5
+    num_nodes: int = 4
+    ops: tuple[str, ...] = OP_NAMES
+
+    # ---- structure -----------------------------------------------------------------------------
+    @property
+    def edges(self) -> tuple[tuple[int, int], ...]:
+        """(target, source) node pairs, in dim order."""
+        return tuple((j, i) for j in range(1, self.num_nodes) for i in range(j))
+
+    @property
+    def edge_names(self) -> tuple[str, ...]:
+        return tuple(edge_name(j, i) for j, i in self.edges)
+
+    def cell_ops(self, arch: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(arch[name] for name in self.edge_names)
+
+    # ---- extremes ------------------------------------------------------------------------------
+    def min_arch(self) -> Arch:
+        """Cheapest cell that still passes its input on: the output node reads node 0 through the
+        cheapest non-`none` op (skip_connect: the cell is the identity), every other edge `none`.
+
+        An all-`none` cell would be as cheap but zeroes its output, making the network a constant.
+        """
+        cheapest = min((op for op in self.ops if op != "none"), key=OP_COST_RANK.index)
+        out_edge = edge_name(self.num_nodes - 1, 0)
+        fill = "none" if "none" in self.ops else cheapest
+        return self._make({n: (cheapest if n == out_edge else fill) for n in self.edge_names})
+
+    def max_arch(self) -> Arch:
+        """Every edge the most expensive op (nor_conv_3x3 in the benchmark's op set)."""
+        dearest = max(self.ops, key=OP_COST_RANK.index)
+        return self._make({n: dearest for n in self.edge_names})
+
+    # ---- the benchmark's arch strings ----------------------------------------------------------
+    def arch_str(self, arch: Mapping[str, Any]) -> str:
+        """NAS-Bench-201 spelling, e.g. `|nor_conv_3x3~0|+|none~0|skip_connect~1|+|...|`."""
+        nodes = []
+        for j in range(1, self.num_nodes):
+            nodes.append("|" + "|".join(f"{arch[edge_name(j, i)]}~{i}" for i in range(j)) + "|")
+        return "+".join(nodes)
+
+    def from_arch_str(self, text: str) -> Arch:
+        where = f"arch string {text!r}"
+        parts = text.strip().split("+")
+        if len(parts) != self.num_nodes - 1:
+            raise SpaceError(f"{where}: expected {self.num_nodes - 1} nodes separated by '+'")
+        values = {}
+        for j, part in enumerate(parts, start=1):
+            items = [s for s in part.strip().strip("|").split("|") if s]
+            if len(items) != j:
+                raise SpaceError(f"{where}: node {j} needs {j} 'op~source' entries, got {len(items)}")
+            for item in items:
+                op, _, src = item.partition("~")
+                if not src.isdigit() or int(src) >= j:
+                    raise SpaceError(f"{where}: bad entry {item!r} for node {j}")
+                values[edge_name(j, int(src))] = op
+        return self.validate(values)
+
+    # ---- analytic cost -------------------------------------------------------------------------
+    def _check_resolution(self, r: int) -> None:
+        step = 2 ** (len(self.channels) - 1)
+        if r < step or r % step:
+            raise SpaceError(f"space {self.name}.resolution: must be a positive multiple of {step} "
+                             f"({len(self.channels) - 1} stride-2 reductions), got {r}")
+
+    def cost(self, arch: Mapping[str, Any], resolution: int | None = None) -> dict[str, int]:
+        """Params and MACs of the extracted subnet (conv + linear multiply-accumulates, like
+        `count_cost`: no bias adds, norms, pooling or elementwise ops)."""
+        r = resolution or self.resolution
+        self._check_resolution(r)
+        cell = self.cell_ops(arch)
+        c0 = self.channels[0]
+        hw = r * r
+        params = 9 * self.in_channels * c0 + 2 * c0
+        macs = 9 * self.in_channels * c0 * hw
+        c_prev = c0
+        for s, c in enumerate(self.channels):
+            if s > 0:  # ResNet reduction block; its output is at the halved resolution
+                r //= 2
+                hw = r * r
+                w = 9 * c_prev * c + 9 * c * c + c_prev * c
+                params += w + 4 * c
+                macs += w * hw
+            for op in cell:
+                if op in CONV_KERNELS:
+                    w = CONV_KERNELS[op] ** 2 * c * c
+                    params += self.cells_per_stage * (w + 2 * c)
+                    macs += self.cells_per_stage * w * hw
+            c_prev = c
+        params += 2 * c_prev + c_prev * self.num_classes + self.num_classes
+        macs += c_prev * self.num_classes
+        return {"params": int(params), "macs": int(macs)}
+
+    def reference_flops(self, arch: Mapping[str, Any], resolution: int | None = None) -> int:
+        """FLOPs by the benchmark's own counter (xautodl `get_model_infos`, batch 1; it reports /1e6).
+
+        That counter sums conv (k*k*C_in*C_out/groups per output pixel, + bias) and linear
+        (in*out + out) layers; its pooling hooks run but are left out of the total, BN is not counted.
+        So it is our MACs (bias-free convs) plus the classifier's bias adds.
+        """
+        return self.cost(arch, resolution)["macs"] + self.num_classes
+
+
+def _positive_int(cfg: Mapping[str, Any], key: str, where: str, minimum: int = 1) -> int:
+    value = require(cfg, key, where, int)
+    if value < minimum:
+        raise SpaceError(f"{where}.{key}: must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def build_space(cfg: dict) -> NB201Space:
+    name = cfg["name"]
+    where = f"space {name}"
+    check_keys(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    channels = require(cfg, "channels", where, list)
+    if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+        raise SpaceError(f"{where}.channels: expected a non-empty list of positive integers "
+                         f"(one per stage), got {channels!r}")
+    cells = _positive_int(cfg, "cells_per_stage", where)
+    nodes = _positive_int(cfg, "nodes", where, minimum=2)
+    ops = require(cfg, "ops", where, list)
+    for op in ops:
+        if op not in OP_NAMES:
+            raise SpaceError(f"{where}.ops: {op!r} is not allowed; allowed: {list(OP_NAMES)}")
+    if len(set(ops)) != len(ops) or not any(op != "none" for op in ops):
+        raise SpaceError(f"{where}.ops: expected distinct ops including at least one besides 'none' "
+                         f"(allowed: {list(OP_NAMES)}), got {ops!r}")
+    dims = tuple(Dim(edge_name(j, i), tuple(ops)) for j in range(1, nodes) for i in range(j))
+    space = NB201Space(name=name, family=cfg["family"], dims=dims, resolution=cfg.get("resolution", 32),
+                       num_classes=cfg.get("num_classes", 10), in_channels=cfg.get("in_channels", 3),
+                       config=dict(cfg), channels=tuple(channels), cells_per_stage=cells, num_nodes=nodes,
+                       ops=tuple(ops))
+    space._check_resolution(space.resolution)
+    return space
+
+
+class NB201Supernet(Supernet):
+    """All 15,625 NAS-Bench-201 networks in one module (see the module docstring)."""
+
+    space: NB201Space
+
+    def __init__(self, space: NB201Space):
+        super().__init__(space)
+        channels, edges, ops = space.channels, space.edges, space.ops
+        self.stem = Stem(space.in_channels, channels[0])
+        layers: list[nn.Module] = []
+        self._layer_kinds: list[tuple[str, int, int]] = []  # (kind, C_in, C_out)
+        c_prev = channels[0]
+        for s, c in enumerate(channels):
+            if s > 0:
+                layers.append(ResNetReduction(c_prev, c))
+                self._layer_kinds.append(("reduce", c_prev, c))
+            for _ in range(space.cells_per_stage):
+                layers.append(SuperCell(c, edges, ops))
+                self._layer_kinds.append(("cell", c, c))
+            c_prev = c
+        self.cells = nn.ModuleList(layers)
+        self.head = Head(c_prev, space.num_classes)
+        # beta of seed 000 eq. 5: rows follow `space.edge_names`, columns `space.ops`. DARTS-style init.
+        self.arch_params = nn.Parameter(1e-3 * torch.randn(len(edges), len(ops)))
+        for qualname, module in self.named_modules():
+            if isinstance(module, WeightSlotConv2d):
+                module.slot_name = qualname
+        self._weight_generator: WeightGenerator | None = None
+
+    # ---- introspection for samplers and weight generators -------------------------------------
+    def op_names(self) -> tuple[str, ...]:
+        return self.space.ops
+
+    def edge_names(self) -> tuple[str, ...]:
+        return self.space.edge_names
+
+    def arch_weights(self, temperature: float = 1.0) -> torch.Tensor:
+        """softmax(beta / T) per edge, shape (edges, ops); FocusFair samples from it with T ~ 1.5."""
+        return torch.softmax(self.arch_params / temperature, dim=-1)
+
+    def conv_slots(self) -> dict[str, WeightSlotConv2d]:
+        """Every conv of the supernet by slot name; `module.weight.shape` is what a generator must return."""
+        return {m.slot_name: m for m in self.modules() if isinstance(m, WeightSlotConv2d)}
+
+    def active_conv_slots(self, arch: Mapping[str, Any]) -> list[str]:
+        """Slot names of the convs the single-path subnet `arch` runs (stem and reductions included)."""
+        cell = self.space.cell_ops(self.as_arch(arch))
+        cell_convs = [(e, op) for e, op in enumerate(cell) if op in CONV_KERNELS]
+        slots = list(self.conv_slots())
+        active = {name for name in slots if ".edges." not in name}  # stem and reduction blocks
+        for i, (kind, _, _) in enumerate(self._layer_kinds):
+            if kind == "cell":
+                active.update(f"cells.{i}.edges.{e}.{op}.conv" for e, op in cell_convs)
+        return [name for name in slots if name in active]
+
+    def set_weight_generator(self, fn: WeightGenerator | None) -> None:
+        """Let `fn(arch)` (arch None = teacher) supply conv weights by slot name for each forward and
+        extraction; names it leaves out keep the stored weights. An `nn.Module` generator is registered
+        as the submodule `weight_generator`, so its parameters train and checkpoint with the supernet."""
+        self._modules.pop("weight_generator", None)
+        self._weight_generator = None
+        if isinstance(fn, nn.Module):
+            self.weight_generator = fn  # registered (not stored twice: `_weight_generator` stays None)
+        elif fn is not None:
+            self._weight_generator = fn
+
+    def _generated(self, arch: Arch | None) -> Mapping[str, torch.Tensor]:
+        fn = self._modules.get("weight_generator")
+        if fn is None:
+            fn = self._weight_generator
+        return NO_WEIGHTS if fn is None else fn(arch)
+
+    # ---- protocol ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
+        arch = self.as_arch(arch)
+        step = 2 ** (len(self.space.channels) - 1)
+        if x.shape[-1] % step or x.shape[-2] % step:
+            raise ValueError(f"nb201: input {tuple(x.shape)}: height and width must be multiples of {step}")
+        weights = self._generated(arch)
+        x = self.stem(x, weights)
+        alphas = self.arch_weights() if arch is None else None
+        cell = None if arch is None else self.space.cell_ops(arch)
+        for layer in self.cells:
+            if not isinstance(layer, SuperCell):
+                x = layer(x, weights)
+            elif alphas is not None:
+                x = layer.forward_mixture(x, alphas, weights)
+            else:
+                x = layer(x, cell, weights)
+        return self.head(x)
+
+    @torch.no_grad()
+    def blocks(self, arch: Arch, resolution: int | None = None) -> list[Block]:
+        arch = self.space.validate(arch)
+        r = resolution or self.space.resolution
+        self.space._check_resolution(r)
+        weights = self._generated(arch)
+        cell = self.space.cell_ops(arch)
+        cell_str = self.space.arch_str(arch)
+        c = self.space.channels[0]
+        shape = (1, self.space.in_channels, r, r)
+        blocks = [Block(f"nb201.stem:{shape[1]}x{r}x{r}->{c}", self.stem.static(weights), shape)]
+        for layer, (kind, c_in, c_out) in zip(self.cells, self._layer_kinds):
+            shape = (1, c_in, r, r)
+            if kind == "reduce":
+                blocks.append(Block(f"nb201.reduce:{c_in}x{r}x{r}->{c_out}", layer.static(weights), shape))
+                r //= 2
+            else:
+                key = f"nb201.cell:{c_in}x{r}x{r}:{cell_str}"
+                blocks.append(Block(key, layer.static(cell, weights), shape))
+            c = c_out
+        shape = (1, c, r, r)
+        blocks.append(Block(f"nb201.head:{c}x{r}x{r}->{self.space.num_classes}", self.head.static(), shape))
+        return blocks
+
+    def cost(self, arch: Mapping[str, Any], resolution: int | None = None) -> dict[str, int]:
+        return self.space.cost(self.as_arch(arch), resolution)
+
+    def reference_flops(self, arch: Mapping[str, Any], resolution: int | None = None) -> int:
+        return self.space.reference_flops(self.as_arch(arch), resolution)
+
+
+def build_supernet(space: NB201Space, **kwargs: Any) -> NB201Supernet:
+    if kwargs:
+        raise SpaceError(f"nb201 supernet: unknown options {sorted(kwargs)}; it takes none")
+    return NB201Supernet(space)
+
+
+def reference_flops(space: NB201Space, arch: Mapping[str, Any], resolution: int | None = None) -> int:
+    """Module-level alias of `NB201Space.reference_flops` (the benchmark's FLOP convention)."""
+    return space.reference_flops(space.validate(arch), resolution)
+
+
+__all__ = ["NB201Space", "NB201Supernet", "build_space", "build_supernet", "edge_name", "reference_flops",
+           "OP_NAMES"]
