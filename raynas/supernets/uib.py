@@ -1,0 +1,529 @@
+"""`uib` family: the MobileNetV4-UIB size + topology space of seed 000 (Kshot-Hypernet, Table 9).
+
+Structure (declared in YAML, see spaces/khyper-uib.yaml):
+    stem conv kxk/s -> stages of UIB blocks -> MobileNetV3 head (1x1 conv, pool, linear, classifier).
+Searched per stage: output channels and depth; per block: the UIB variant (`op`: ffn, convnext, ib,
+extra_dw), the kernels K1 (dw_start) and K2 (dw_mid) it uses, and the expansion ratio when a stage
+declares more than one.
+
+Arch fields: `stage{s}.channels`, `stage{s}.depth`, `stage{s}.b{i}.op`, `stage{s}.b{i}.k1`,
+`stage{s}.b{i}.k2` (+ `stage{s}.b{i}.expand` if searched). Stages count from 1 like the paper.
+
+The supernet holds separate weights per op at every block position (ops are distinct candidates
+of a topology space), each weight-entangled across channels, kernels and expansion. `forward(x, None)`
+is the seed's teacher: every block position mixes all ops with softmax(`arch_params`) (DARTS eq. 5)
+at the largest size choices. Every conv weight is read through `conv_weight(slot, generated)`, so a
+hypernetwork (Kshot-Hypernet) set with `set_weight_generator` can supply any of them; the contract is
+the one of the `nb201` supernet (generator(arch) -> {conv slot name: full-size weight}).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raynas.nn.dynamic import DynamicConv2d, make_divisible
+from raynas.space import Arch, Dim, SearchSpace, SpaceError, check_keys, require
+from raynas.space.loader import COMMON_KEYS
+from raynas.supernets.base import Block, Supernet
+from raynas.supernets.uib_blocks import (
+    ACTIVATIONS,
+    OP_NAMES,
+    ElasticConvBN,
+    ElasticUIB,
+    StaticHead,
+    op_has_mid_dw,
+    op_has_start_dw,
+)
+
+FAMILY_KEYS = ("stem", "ops", "stages", "head", "activation", "named_archs")
+STAGE_KEYS = ("channels", "depth", "kernels", "expand", "stride")
+HEAD_KEYS = ("channels", "hidden", "dropout", "activation")
+
+# A hypernetwork hook, as in `nb201`: fn(arch, or None for the teacher) -> {conv slot name: full-size
+# weight}; called once per forward / extraction; slots it leaves out keep their stored weights.
+WeightGenerator = Callable[[Arch | None], Mapping[str, torch.Tensor]]
+NO_WEIGHTS: Mapping[str, torch.Tensor] = MappingProxyType({})
+
+
+# ---- declaration -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageSpec:
+    channels: tuple[int, ...]
+    depths: tuple[int, ...]
+    kernels: tuple[int, ...]
+    expands: tuple[float, ...]
+    stride: int
+
+    @property
+    def max_depth(self) -> int:
+        return self.depths[-1]
+
+
+@dataclass(frozen=True)
+class UIBSpec:
+    stem_channels: int
+    stem_kernel: int
+    stem_stride: int
+    ops: tuple[str, ...]
+    stages: tuple[StageSpec, ...]
+    head_channels: int
+    head_hidden: int
+    head_dropout: float
+    head_activation: str
+    activation: str
+
+
+def _positive_ints(cfg: Mapping, key: str, where: str, odd: bool = False) -> tuple[int, ...]:
+    values = require(cfg, key, where, list)
+    ok = values and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    if not ok or (odd and any(v % 2 == 0 for v in values)):
+        kind = "odd positive integers" if odd else "positive integers"
+        raise SpaceError(f"{where}.{key}: expected a non-empty list of {kind}, got {values!r}")
+    if len(set(values)) != len(values):
+        raise SpaceError(f"{where}.{key}: duplicate choices in {values!r}")
+    return tuple(sorted(values))
+
+
+def _positive_int(cfg: Mapping, key: str, where: str, odd: bool = False) -> int:
+    value = require(cfg, key, where, int)
+    if value < 1 or (odd and value % 2 == 0):
+        raise SpaceError(f"{where}.{key}: expected a{'n odd' if odd else ''} positive integer, got {value!r}")
+    return value
+
+
+def _activation(cfg: Mapping, key: str, where: str) -> str:
+    value = require(cfg, key, where, str)
+    if value not in ACTIVATIONS:
+        raise SpaceError(f"{where}.{key}: unknown '{value}'; allowed: {list(ACTIVATIONS)}")
+    return value
+
+
+def _parse_stage(cfg: Any, where: str) -> StageSpec:
+    if not isinstance(cfg, Mapping):
+        raise SpaceError(f"{where}: expected a mapping with fields {list(STAGE_KEYS)}")
+    check_keys(cfg, STAGE_KEYS, where)
+    expands = require(cfg, "expand", where, list)
+    if not expands or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in expands):
+        raise SpaceError(f"{where}.expand: expected a non-empty list of positive numbers, got {expands!r}")
+    if len(set(expands)) != len(expands):
+        raise SpaceError(f"{where}.expand: duplicate choices in {expands!r}")
+    return StageSpec(
+        channels=_positive_ints(cfg, "channels", where),
+        depths=_positive_ints(cfg, "depth", where),
+        kernels=_positive_ints(cfg, "kernels", where, odd=True),
+        expands=tuple(sorted(expands)),
+        stride=_positive_int(cfg, "stride", where),
+    )
+
+
+def parse_spec(cfg: Mapping[str, Any], where: str) -> UIBSpec:
+    check_keys(cfg, (*COMMON_KEYS, *FAMILY_KEYS), where)
+    stem = require(cfg, "stem", where, dict)
+    check_keys(stem, ("channels", "kernel", "stride"), f"{where}.stem")
+    ops = require(cfg, "ops", where, list)
+    bad = [o for o in ops if o not in OP_NAMES]
+    if not ops or bad or len(set(ops)) != len(ops):
+        raise SpaceError(f"{where}.ops: expected distinct names from {list(OP_NAMES)}, got {ops!r}")
+    stages_cfg = require(cfg, "stages", where, list)
+    if not stages_cfg:
+        raise SpaceError(f"{where}.stages: expected a non-empty list of stages")
+    head = require(cfg, "head", where, dict)
+    check_keys(head, HEAD_KEYS, f"{where}.head")
+    dropout = require(head, "dropout", f"{where}.head", (int, float))
+    if not 0 <= dropout < 1:
+        raise SpaceError(f"{where}.head.dropout: expected a number in [0, 1), got {dropout!r}")
+    return UIBSpec(
+        stem_channels=_positive_int(stem, "channels", f"{where}.stem"),
+        stem_kernel=_positive_int(stem, "kernel", f"{where}.stem", odd=True),
+        stem_stride=_positive_int(stem, "stride", f"{where}.stem"),
+        ops=tuple(sorted(ops, key=OP_NAMES.index)),  # size order, whatever order the YAML lists
+        stages=tuple(_parse_stage(s, f"{where}.stages[{i}]") for i, s in enumerate(stages_cfg)),
+        head_channels=_positive_int(head, "channels", f"{where}.head"),
+        head_hidden=_positive_int(head, "hidden", f"{where}.head"),
+        head_dropout=float(dropout),
+        head_activation=_activation(head, "activation", f"{where}.head"),
+        activation=_activation(cfg, "activation", where),
+    )
+
+
+# ---- the search space --------------------------------------------------------------------------
+def stage_field(s: int, field: str) -> str:
+    return f"stage{s + 1}.{field}"
+
+
+def block_field(s: int, i: int, field: str) -> str:
+    return f"stage{s + 1}.b{i}.{field}"
+
+
+@dataclass(frozen=True)
+class NamedArch:
+    """A published architecture expressed in this space (e.g. KHyper-S/M/L of seed 000)."""
+
+    name: str
+    arch: Arch
+    resolution: int
+    paper: dict
+
+
+class UIBSpace(SearchSpace):
+    """The UIB space: structural spec + flat dims; canonicalises unused and inactive block fields."""
+
+    def __init__(self, name: str, spec: UIBSpec, resolution: int, num_classes: int, in_channels: int,
+                 config: dict):
+        self.spec = spec
+        super().__init__(name=name, family="uib", dims=self._build_dims(spec), resolution=resolution,
+                         num_classes=num_classes, in_channels=in_channels, config=config)
+        self.named_archs: dict[str, NamedArch] = {}
+
+    @staticmethod
+    def _build_dims(spec: UIBSpec) -> tuple[Dim, ...]:
+        dims = []
+        for s, st in enumerate(spec.stages):
+            dims += [Dim(stage_field(s, "channels"), st.channels), Dim(stage_field(s, "depth"), st.depths)]
+            for i in range(st.max_depth):
+                dims += [Dim(block_field(s, i, "op"), spec.ops), Dim(block_field(s, i, "k1"), st.kernels),
+                         Dim(block_field(s, i, "k2"), st.kernels)]
+                if len(st.expands) > 1:  # a fixed expansion is no decision: keep archs and encodings short
+                    dims.append(Dim(block_field(s, i, "expand"), st.expands))
+        return tuple(dims)
+
+    # The op dims, one per block position in execution order: rows of the supernet's `arch_params`.
+    @property
+    def topology_dims(self) -> tuple[str, ...]:
+        return tuple(block_field(s, i, "op") for s, st in enumerate(self.spec.stages) for i in range(st.max_depth))
+
+    @property
+    def op_names(self) -> tuple[str, ...]:
+        return self.spec.ops
+
+    def canonicalize(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Blocks beyond the depth and kernels an op does not use are reset to their first choice."""
+        for s, st in enumerate(self.spec.stages):
+            depth = values[stage_field(s, "depth")]
+            for i in range(st.max_depth):
+                op_f, k1_f, k2_f = (block_field(s, i, f) for f in ("op", "k1", "k2"))
+                if i >= depth:
+                    values[op_f] = self.spec.ops[0]
+                    if len(st.expands) > 1:
+                        values[block_field(s, i, "expand")] = st.expands[0]
+                op = values[op_f]
+                if i >= depth or not op_has_start_dw(op):
+                    values[k1_f] = st.kernels[0]
+                if i >= depth or not op_has_mid_dw(op):
+                    values[k2_f] = st.kernels[0]
+        return values
+
+    def block_variants(self, s: int) -> int:
+        """Distinct configurations of one active block of stage `s` (op x its kernels x expansion)."""
+        k = len(self.spec.stages[s].kernels)
+        per_op = {"ffn": 1, "convnext": k, "ib": k, "extra_dw": k * k}
+        return sum(per_op[o] for o in self.spec.ops) * len(self.spec.stages[s].expands)
+
+    def log10_cardinality(self) -> float:
+        total = 1
+        for s, st in enumerate(self.spec.stages):
+            v = self.block_variants(s)
+            total *= len(st.channels) * sum(v**d for d in st.depths)
+        return math.log10(total)
+
+    def stage_blocks(self, arch: Arch, s: int) -> list[dict[str, Any]]:
+        """The active blocks of stage `s`: op, k1, k2, expand."""
+        st = self.spec.stages[s]
+        return [
+            {"op": arch[block_field(s, i, "op")], "k1": arch[block_field(s, i, "k1")],
+             "k2": arch[block_field(s, i, "k2")],
+             "expand": arch[block_field(s, i, "expand")] if len(st.expands) > 1 else st.expands[0]}
+            for i in range(arch[stage_field(s, "depth")])
+        ]
+
+    def named_arch(self, name: str) -> Arch:
+        if name not in self.named_archs:
+            raise SpaceError(f"named arch: unknown '{name}' in space '{self.name}'; "
+                             f"allowed: {sorted(self.named_archs)}")
+        return self.named_archs[name].arch
+
+    def arch_from_stages(self, stages: Any, where: str) -> Arch:
+        """An arch from a readable per-stage list: [{channels: C, blocks: [{op, k1?, k2?, expand?}]}]."""
+        if not isinstance(stages, list) or len(stages) != len(self.spec.stages):
+            raise SpaceError(f"{where}.stages: expected a list of {len(self.spec.stages)} stages")
+        values: dict[str, Any] = {}
+        for s, (st, cfg) in enumerate(zip(self.spec.stages, stages)):
+            w = f"{where}.stages[{s}]"
+            if not isinstance(cfg, Mapping):
+                raise SpaceError(f"{w}: expected a mapping with fields ['channels', 'blocks']")
+            check_keys(cfg, ("channels", "blocks"), w)
+            values[stage_field(s, "channels")] = require(cfg, "channels", w, int)
+            blocks = require(cfg, "blocks", w, list)
+            values[stage_field(s, "depth")] = len(blocks)
+            for i in range(st.max_depth):
+                b = blocks[i] if i < len(blocks) else {"op": self.spec.ops[0]}
+                bw = f"{w}.blocks[{i}]"
+                if not isinstance(b, Mapping):
+                    raise SpaceError(f"{bw}: expected a mapping with fields ['op', 'k1', 'k2', 'expand']")
+                check_keys(b, ("op", "k1", "k2", "expand"), bw)
+                op = require(b, "op", bw, str)
+                for key, used in (("k1", op_has_start_dw(op)), ("k2", op_has_mid_dw(op))):
+                    if key in b and not used:
+                        raise SpaceError(f"{bw}.{key}: op '{op}' has no such depthwise conv")
+                values[block_field(s, i, "op")] = op
+                values[block_field(s, i, "k1")] = b.get("k1", st.kernels[0])
+                values[block_field(s, i, "k2")] = b.get("k2", st.kernels[0])
+                if len(st.expands) > 1:
+                    values[block_field(s, i, "expand")] = b.get("expand", st.expands[0])
+                elif b.get("expand", st.expands[0]) != st.expands[0]:
+                    raise SpaceError(f"{bw}.expand: stage {s + 1} has the fixed expansion {st.expands[0]}")
+        try:
+            return self.validate(values)
+        except SpaceError as exc:
+            raise SpaceError(f"{where}: {exc}") from None
+
+
+def _parse_named_archs(space: UIBSpace, cfg: Any, where: str) -> dict[str, NamedArch]:
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, Mapping):
+        raise SpaceError(f"{where}: expected a mapping name -> {{resolution, paper, stages}}")
+    out = {}
+    for name, item in cfg.items():
+        w = f"{where}.{name}"
+        if not isinstance(item, Mapping):
+            raise SpaceError(f"{w}: expected a mapping with fields ['resolution', 'paper', 'stages']")
+        check_keys(item, ("resolution", "paper", "stages"), w)
+        resolution = _positive_int(item, "resolution", w) if "resolution" in item else space.resolution
+        paper = item.get("paper", {})
+        if not isinstance(paper, Mapping):
+            raise SpaceError(f"{w}.paper: expected a mapping of published figures")
+        out[str(name)] = NamedArch(str(name), space.arch_from_stages(item.get("stages"), w), resolution,
+                                   dict(paper))
+    return out
+
+
+def build_space(cfg: dict) -> UIBSpace:
+    name = require(cfg, "name", "space", str)
+    where = f"space {name}"
+    spec = parse_spec(cfg, where)
+    space = UIBSpace(name, spec, resolution=cfg.get("resolution", 224), num_classes=cfg.get("num_classes", 1000),
+                     in_channels=cfg.get("in_channels", 3), config=dict(cfg))
+    space.named_archs = _parse_named_archs(space, cfg.get("named_archs"), f"{where}.named_archs")
+    return space
+
+
+# ---- the supernet ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockChoice:
+    """One active block of a subnet: where it sits and what it computes (input width known at run time)."""
+
+    stage: int
+    index: int
+    op: str
+    out_ch: int
+    k1: int
+    k2: int
+    expand: float
+
+
+class UIBSupernet(Supernet):
+    """Weight-entangled UIB supernet with a softmax(beta) op-mixture teacher and a weight-generator hook."""
+
+    def __init__(self, space: UIBSpace, weight_generator: WeightGenerator | None = None):
+        super().__init__(space)
+        spec = space.spec
+        self.spec = spec
+        self.stem = ElasticConvBN(space.in_channels, spec.stem_channels, spec.stem_kernel, spec.stem_stride,
+                                  False, spec.activation)
+        self.stages = nn.ModuleList()
+        in_choices: tuple[int, ...] = (spec.stem_channels,)
+        for st in spec.stages:
+            positions = nn.ModuleList()
+            for i in range(st.max_depth):
+                ins = in_choices if i == 0 else st.channels
+                max_mid = max(make_divisible(c * e) for c in ins for e in st.expands)
+                stride = st.stride if i == 0 else 1
+                positions.append(nn.ModuleDict({
+                    op: ElasticUIB(op, max(ins), max(st.channels), max_mid, max(st.kernels), stride,
+                                   spec.activation)
+                    for op in spec.ops
+                }))
+            self.stages.append(positions)
+            in_choices = st.channels
+        self.head_conv = ElasticConvBN(max(in_choices), spec.head_channels, 1, 1, False, spec.head_activation)
+        self.head_fc = nn.Linear(spec.head_channels, spec.head_hidden)
+        self.classifier = nn.Linear(spec.head_hidden, space.num_classes)
+        # DARTS-style architecture parameters beta: one row per block position, one column per op.
+        self.arch_params = nn.Parameter(torch.zeros(len(space.topology_dims), len(spec.ops)))
+        # Slot name (qualified name) of every conv, for the weight-generator hook; a plain dict so
+        # nothing is registered twice.
+        self._convs: dict[str, DynamicConv2d] = {}
+        for qualname, module in self.named_modules():
+            if isinstance(module, DynamicConv2d):
+                module.slot_name = qualname
+                self._convs[qualname] = module
+        self.__dict__["_weight_generator"] = None
+        if weight_generator is not None:
+            self.set_weight_generator(weight_generator)
+
+    # ---- topology interface for samplers (FocusFair) and hypernetworks ---------------------------
+    def op_names(self) -> tuple[str, ...]:
+        """Columns of `arch_params`, in size order."""
+        return self.spec.ops
+
+    def topology_dims(self) -> tuple[str, ...]:
+        """Arch fields holding each block position's op: rows of `arch_params`, in execution order."""
+        return self.space.topology_dims
+
+    def arch_weights(self, temperature: float = 1.0) -> torch.Tensor:
+        """softmax(beta / tau) per block position, (positions, ops): the teacher's mixture at tau = 1,
+        FocusFair's sampling weights at tau ~ 1.5."""
+        return F.softmax(self.arch_params / temperature, dim=-1)
+
+    def conv_slots(self) -> dict[str, DynamicConv2d]:
+        """Every conv by slot name; `weight.shape` (the largest choice) is what a generator returns."""
+        return dict(self._convs)
+
+    def active_conv_slots(self, arch: Mapping[str, Any]) -> list[str]:
+        """Slot names of the convs the single-path subnet `arch` runs (stem and head included)."""
+        prefixes = tuple(f"stages.{b.stage}.{b.index}.{b.op}." for b in self.active_blocks(self.as_arch(arch)))
+        return [n for n in self._convs if not n.startswith("stages.") or n.startswith(prefixes)]
+
+    def set_weight_generator(self, generator: WeightGenerator | None) -> None:
+        """Let `generator(arch)` supply conv weights by slot name (None: stored weights again).
+
+        An `nn.Module` generator is registered as the submodule `weight_generator`, so its parameters
+        train, move and checkpoint with the supernet.
+        """
+        if "weight_generator" in self._modules:
+            del self._modules["weight_generator"]
+        if isinstance(generator, nn.Module):
+            self.add_module("weight_generator", generator)
+        self.__dict__["_weight_generator"] = generator
+
+    def generated_weights(self, arch: Arch | None) -> Mapping[str, torch.Tensor]:
+        generator = self.__dict__["_weight_generator"]
+        return NO_WEIGHTS if generator is None else generator(arch)
+
+    def conv_weight(self, slot: str, generated: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
+        """The single place conv weights come from: the generated tensor for `slot`, else the stored one."""
+        conv = self._convs[slot]
+        weight = generated.get(slot)
+        if weight is None:
+            return conv.weight
+        if tuple(weight.shape) != tuple(conv.weight.shape):
+            raise ValueError(f"weight generator: '{slot}' needs shape {tuple(conv.weight.shape)}, "
+                             f"got {tuple(weight.shape)}")
+        return weight
+
+    def _fetch(self, arch: Arch | None) -> Callable[[DynamicConv2d], torch.Tensor]:
+        generated = self.generated_weights(arch)
+        return lambda conv: self.conv_weight(conv.slot_name, generated)
+
+    # ---- arch -> active blocks -------------------------------------------------------------------
+    def active_blocks(self, arch: Arch) -> list[BlockChoice]:
+        out = []
+        for s in range(len(self.spec.stages)):
+            channels = arch[stage_field(s, "channels")]
+            for i, b in enumerate(self.space.stage_blocks(arch, s)):
+                out.append(BlockChoice(s, i, b["op"], channels, b["k1"], b["k2"], b["expand"]))
+        return out
+
+    def _block(self, b: BlockChoice) -> ElasticUIB:
+        return self.stages[b.stage][b.index][b.op]
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
+        arch = self.as_arch(arch)
+        fetch = self._fetch(arch)
+        x = self.stem(x, fetch(self.stem.conv), self.spec.stem_channels, self.spec.stem_kernel)
+        if arch is None:
+            x = self._mixture(x, fetch)
+        else:
+            for b in self.active_blocks(arch):
+                mid = make_divisible(x.shape[1] * b.expand)
+                x = self._block(b)(x, b.out_ch, mid, b.k1, b.k2, fetch)
+        return self._head(x, fetch)
+
+    def _mixture(self, x: torch.Tensor, fetch) -> torch.Tensor:
+        """Teacher: every position of the deepest, widest net mixes all ops by softmax(beta) (largest kernels)."""
+        weights = self.arch_weights()
+        row = 0
+        for st, positions in zip(self.spec.stages, self.stages):
+            out_ch, k = max(st.channels), max(st.kernels)
+            for ops in positions:
+                mid = make_divisible(x.shape[1] * max(st.expands))
+                outs = [ops[op](x, out_ch, mid, k, k, fetch) for op in self.spec.ops]
+                x = sum(weights[row, j] * y for j, y in enumerate(outs))
+                row += 1
+        return x
+
+    def _head(self, x: torch.Tensor, fetch) -> torch.Tensor:
+        x = self.head_conv(x, fetch(self.head_conv.conv), self.spec.head_channels, 1)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = ACTIVATIONS[self.spec.head_activation][0](self.head_fc(x))
+        x = F.dropout(x, self.spec.head_dropout, self.training)
+        return self.classifier(x)
+
+    # ---- static subnet ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def blocks(self, arch: Mapping[str, Any], resolution: int | None = None) -> list[Block]:
+        arch = self.space.validate(arch)
+        fetch = self._fetch(arch)
+        _, c, h, w = self.input_shape(1, resolution)
+        spec = self.spec
+        pieces = [Block(
+            f"uib.stem:{spec.activation}:k{spec.stem_kernel}s{spec.stem_stride}:{c}x{h}x{w}->{spec.stem_channels}",
+            self.stem.static(c, fetch(self.stem.conv), spec.stem_channels, spec.stem_kernel), (1, c, h, w))]
+        _, _, h, w = self.stem.cost(c, spec.stem_channels, spec.stem_kernel, h, w)
+        c = spec.stem_channels
+        for b in self.active_blocks(arch):
+            block, mid = self._block(b), make_divisible(c * b.expand)
+            # The key says everything that fixes the computation (not the position): equal keys, equal latency.
+            key = (f"uib.{b.op}:{spec.activation}:k{b.k1 if op_has_start_dw(b.op) else 0}/"
+                   f"{b.k2 if op_has_mid_dw(b.op) else 0}:s{block.stride}:mid{mid}:{c}x{h}x{w}->{b.out_ch}")
+            pieces.append(Block(key, block.static(c, b.out_ch, mid, b.k1, b.k2, fetch), (1, c, h, w)))
+            _, _, h, w = block.cost(c, b.out_ch, mid, b.k1, b.k2, h, w)
+            c = b.out_ch
+        head = StaticHead(
+            self.head_conv.static(c, fetch(self.head_conv.conv), spec.head_channels, 1),
+            _copy_linear(self.head_fc), ACTIVATIONS[spec.head_activation][1](), spec.head_dropout,
+            _copy_linear(self.classifier))
+        key = (f"uib.head:{spec.head_activation}:{c}x{h}x{w}->{spec.head_channels}->{spec.head_hidden}"
+               f"->{self.space.num_classes}")
+        pieces.append(Block(key, head, (1, c, h, w)))
+        return pieces
+
+    def cost(self, arch: Mapping[str, Any], resolution: int | None = None) -> dict[str, int]:
+        """Exact params and MACs of `extract(arch)` at `resolution` (default: the space's), no forward pass."""
+        arch = self.as_arch(arch)
+        spec = self.spec
+        _, c, h, w = self.input_shape(1, resolution)
+        params, macs, h, w = self.stem.cost(c, spec.stem_channels, spec.stem_kernel, h, w)
+        c = spec.stem_channels
+        for b in self.active_blocks(arch):
+            mid = make_divisible(c * b.expand)
+            p, m, h, w = self._block(b).cost(c, b.out_ch, mid, b.k1, b.k2, h, w)
+            params, macs, c = params + p, macs + m, b.out_ch
+        p, m, _, _ = self.head_conv.cost(c, spec.head_channels, 1, h, w)
+        fc = spec.head_channels * spec.head_hidden + spec.head_hidden * self.space.num_classes
+        params += p + fc + spec.head_hidden + self.space.num_classes
+        macs += m + fc
+        return {"params": int(params), "macs": int(macs)}
+
+
+@torch.no_grad()
+def _copy_linear(layer: nn.Linear) -> nn.Linear:
+    out = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=layer.bias is not None)
+    out.load_state_dict(layer.state_dict())
+    return out
+
+
+def build_supernet(space: UIBSpace, **kwargs: Any) -> UIBSupernet:
+    if not isinstance(space, UIBSpace):
+        raise SpaceError(f"space '{space.name}': family '{space.family}' is not 'uib'")
+    return UIBSupernet(space, **kwargs)
