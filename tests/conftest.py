@@ -20,6 +20,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # Workers import test modules (actor classes defined in tests) from this directory.
+        tests_dir = os.path.dirname(os.path.abspath(__file__))
+        pythonpath = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 resources={"device:local-cpu": 1}, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     yield ray
     ray.shutdown()

@@ -1,1 +1,1 @@
-"""raynas.report"""
+"""Reports: Pareto plots and run summaries."""

@@ -1,0 +1,76 @@
+"""The run report: a Pareto plot (PNG) and a Markdown summary of the search and its exports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: cluster nodes have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_pareto(records: Sequence[dict], front: Sequence[dict], out: str | Path, x: str = "latency_ms",
+                title: str = "") -> Path:
+    out = Path(out)
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    feasible = [r for r in records if r.get("feasible", True)]
+    infeasible = [r for r in records if not r.get("feasible", True)]
+    ax.scatter([r[x] for r in feasible], [r["accuracy"] for r in feasible], s=10, alpha=0.45,
+               label=f"evaluated ({len(feasible)})")
+    if infeasible:
+        ax.scatter([r[x] for r in infeasible], [r["accuracy"] for r in infeasible], s=10, alpha=0.45,
+                   marker="x", color="grey", label=f"violates constraints ({len(infeasible)})")
+    ax.step([r[x] for r in front], [r["accuracy"] for r in front], where="post", color="C3", lw=1.5)
+    ax.scatter([r[x] for r in front], [r["accuracy"] for r in front], color="C3", s=24, zorder=3,
+               label=f"Pareto front ({len(front)})")
+    ax.set_xlabel({"latency_ms": "predicted latency (ms)", "params": "parameters", "macs": "MACs"}.get(x, x))
+    ax.set_ylabel("accuracy (inherited weights, BN recalibrated)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, summary: dict, records: Sequence[dict], front: Sequence[dict],
+                 exported: Sequence[dict]) -> Path:
+    run_dir = Path(run_dir)
+    png = plot_pareto(records, front, run_dir / "pareto.png",
+                      title=f"{summary['space']} · {summary['algorithm']} · {len(records)} evaluations")
+    lines = [
+        f"# raynas search report: {summary['space']}",
+        "",
+        markdown_table([summary], list(summary)),
+        "",
+        f"![Pareto front]({png.name})",
+        "",
+        "## Pareto front",
+        "",
+        markdown_table(front, ["accuracy", "latency_ms", "params", "macs", "generation", "arch"]),
+        "",
+        "## Exported subnets (ONNX)",
+        "",
+        markdown_table(exported, ["onnx", "accuracy", "latency_ms", "measured_ms", "measured_iqr_ms", "params",
+                                  "macs"]) if exported else "none",
+        "",
+    ]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out
