@@ -145,7 +145,7 @@ def _extension_commands() -> list[Callable]:
 
     registers = []
     for module in ("raynas.train.cli", "raynas.hw.cli", "raynas.search.cli", "raynas.tune.cli",
-                   "raynas.biglittle.cli"):
+                   "raynas.biglittle.cli", "raynas.pipeline.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 
 def _center_crop_kernel(weight: torch.Tensor, k: int) -> torch.Tensor:
@@ -64,7 +65,8 @@ class DynamicConv2d(nn.Module):
         out_ch = in_ch if self.depthwise else (out_channels or self.max_out)
         k = kernel_size or self.max_kernel
         self._check(in_ch, out_ch, k)
-        conv = nn.Conv2d(in_ch, out_ch, k, self.stride, self.dilation * (k - 1) // 2, self.dilation,
+        # skip_init: the weights are overwritten below, so default initialisation is wasted work
+        conv = skip_init(nn.Conv2d, in_ch, out_ch, k, self.stride, self.dilation * (k - 1) // 2, self.dilation,
                          groups=in_ch if self.depthwise else 1, bias=self.bias is not None)
         conv.weight.copy_(self.active_weight(in_ch, out_ch, k))
         if self.bias is not None:
@@ -96,7 +98,7 @@ class DynamicLinear(nn.Module):
     def static(self, in_f: int, out_features: int | None = None) -> nn.Linear:
         out_f = out_features or self.max_out
         w, b = self.active(in_f, out_f)
-        lin = nn.Linear(in_f, out_f, bias=b is not None)
+        lin = skip_init(nn.Linear, in_f, out_f, bias=b is not None)
         lin.weight.copy_(w)
         if b is not None:
             lin.bias.copy_(b)
