@@ -1,0 +1,478 @@
+"""AutoViT hybrid supernets (seed 001, Table 1): conv stem, MBConv stages, MobileViT-style transformer stages.
+
+A space (`spaces/autovit-*.yaml`) declares the stage table: the stem, the MBConv stages (width,
+depth, expansion, kernel, stride) and the transformer stages (width, depth, heads, MLP ratio,
+stride), how many transformer stages a subnet may use, and the MBPool head widths. One
+weight-entangled supernet holds every subnet: each stage stores its widest / deepest weights and a
+subnet takes prefixes (channels, heads, MLP hidden units, layers). A transformer stage is an
+MBConv transition (stride and width change, as MobileViT puts an MV2 block before each MobileViT
+block) followed by one MobileViT block with `depth` transformer layers (`autovit_blocks.py`).
+
+Weight inheritance across supernets (AutoViT §3.2: "smaller subnets inherit shared parameters from
+larger supernets"): the three built-in spaces share one layout (same stages, same maximum depths,
+same head_dim), so `inherit_weights(src, dst)` copies the overlapping prefix of every tensor of a
+larger supernet into a smaller one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from raynas.space import Arch, SearchSpace
+from raynas.space.loader import COMMON_KEYS, check_keys, require
+from raynas.space.space import Dim, SpaceError
+from raynas.supernets.autovit_blocks import (
+    DynamicConvBnAct,
+    DynamicInvertedResidual,
+    DynamicMBPoolHead,
+    DynamicMobileVitBlock,
+    conv_out_size,
+    expanded_channels,
+    patch_size_for,
+)
+from raynas.supernets.base import Block, Supernet
+
+FAMILY_KEYS = ("patch_size", "head_dim", "kernel", "transition_expansion", "stem", "conv_stages",
+               "transformer_stages", "num_transformer_stages", "head")
+STEM_KEYS = ("widths", "kernel", "stride")
+CONV_STAGE_KEYS = ("name", "widths", "depths", "expansion", "kernel", "stride")
+TRANSFORMER_STAGE_KEYS = ("name", "widths", "depths", "heads", "mlp_ratios", "stride")
+HEAD_KEYS = ("widths", "expansion")
+NUM_STAGES_DIM = "transformer.stages"
+_STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def mlp_hidden(width: int, mlp_ratio: float) -> int:
+    return int(round(width * mlp_ratio))
+
+
+# ---- declaration ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvStage:
+    name: str
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    expansions: tuple[float, ...]
+    kernels: tuple[int, ...]
+    stride: int
+
+
+@dataclass(frozen=True)
+class TransformerStage:
+    name: str
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    heads: tuple[int, ...]
+    mlp_ratios: tuple[float, ...]
+    stride: int
+
+
+@dataclass(frozen=True)
+class AutoVitSpec:
+    """The validated family keys of an AutoViT YAML (the stage table)."""
+
+    patch_size: int
+    head_dim: int
+    kernel: int  # transition depthwise, MobileViT local and fusion convs
+    transition_expansion: float
+    stem_widths: tuple[int, ...]
+    stem_kernel: int
+    stem_stride: int
+    conv_stages: tuple[ConvStage, ...]
+    transformer_stages: tuple[TransformerStage, ...]
+    num_stages: tuple[int, ...]  # how many transformer stages (a prefix) a subnet uses
+    head_widths: tuple[int, ...]
+    head_expansion: float | None  # None: MobileViT head; a number: NASViT's MBPool expansion
+
+
+def _choices(value: Any, where: str, kind: str = "int", odd: bool = False, at_least: float = 1) -> tuple:
+    """A scalar or a list of choices -> sorted tuple; `kind` 'int' or 'number'."""
+    values = value if isinstance(value, list) else [value]
+    allowed = f"{'odd ' if odd else ''}{'integers' if kind == 'int' else 'numbers'} >= {at_least:g}"
+    if not values:
+        raise SpaceError(f"{where}: needs at least one choice; allowed: {allowed} (a value or a list)")
+    for v in values:
+        ok_type = isinstance(v, int) if kind == "int" else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok_type or v < at_least or (odd and v % 2 == 0):
+            raise SpaceError(f"{where}: {v!r} is not allowed; allowed: {allowed} (a value or a list)")
+    if len(set(values)) != len(values):
+        raise SpaceError(f"{where}: duplicate choices in {values}")
+    return tuple(sorted(float(v) for v in values)) if kind == "number" else tuple(sorted(values))
+
+
+def _one(value: Any, where: str, kind: str = "int", odd: bool = False, options: Sequence | None = None):
+    if isinstance(value, list):
+        raise SpaceError(f"{where}: expected a single value, got a list")
+    (v,) = _choices(value, where, kind, odd)
+    if options is not None and v not in options:
+        raise SpaceError(f"{where}: {v!r} is not allowed; allowed: {list(options)}")
+    return v
+
+
+def _stage_name(cfg: Mapping, where: str, seen: set) -> str:
+    name = require(cfg, "name", where, str)
+    if not _STAGE_NAME.match(name) or name in seen or name in ("stem", "head", "transformer"):
+        raise SpaceError(f"{where}.name: {name!r} is not allowed; allowed: a new lowercase identifier "
+                         f"other than stem/head/transformer (taken: {sorted(seen)})")
+    seen.add(name)
+    return name
+
+
+def _stage_list(cfg: Mapping, key: str, where: str) -> list:
+    stages = require(cfg, key, where, list)
+    if not stages:
+        raise SpaceError(f"{where}.{key}: needs at least one stage")
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise SpaceError(f"{where}.{key}[{i}]: expected a mapping, got {stage!r}")
+    return stages
+
+
+def parse_spec(cfg: Mapping[str, Any], where: str) -> AutoVitSpec:
+    stem = require(cfg, "stem", where, dict)
+    check_keys(stem, STEM_KEYS, f"{where}.stem")
+    seen: set[str] = set()
+    conv_stages = []
+    for i, st in enumerate(_stage_list(cfg, "conv_stages", where)):
+        w = f"{where}.conv_stages[{i}]"
+        check_keys(st, CONV_STAGE_KEYS, w)
+        conv_stages.append(ConvStage(
+            name=_stage_name(st, w, seen),
+            widths=_choices(require(st, "widths", w), f"{w}.widths"),
+            depths=_choices(require(st, "depths", w), f"{w}.depths"),
+            expansions=_choices(st.get("expansion", 1), f"{w}.expansion", "number"),
+            kernels=_choices(st.get("kernel", 3), f"{w}.kernel", odd=True),
+            stride=_one(require(st, "stride", w), f"{w}.stride", options=(1, 2)),
+        ))
+    transformer_stages = []
+    for i, st in enumerate(_stage_list(cfg, "transformer_stages", where)):
+        w = f"{where}.transformer_stages[{i}]"
+        check_keys(st, TRANSFORMER_STAGE_KEYS, w)
+        transformer_stages.append(TransformerStage(
+            name=_stage_name(st, w, seen),
+            widths=_choices(require(st, "widths", w), f"{w}.widths"),
+            depths=_choices(require(st, "depths", w), f"{w}.depths"),
+            heads=_choices(require(st, "heads", w), f"{w}.heads"),
+            mlp_ratios=_choices(require(st, "mlp_ratios", w), f"{w}.mlp_ratios", "number", at_least=0.25),
+            stride=_one(require(st, "stride", w), f"{w}.stride", options=(1, 2)),
+        ))
+    n = len(transformer_stages)
+    num_stages = _choices(cfg.get("num_transformer_stages", n), f"{where}.num_transformer_stages")
+    if num_stages[-1] > n:
+        raise SpaceError(f"{where}.num_transformer_stages: {num_stages[-1]} is not allowed; "
+                         f"allowed: 1..{n} (the number of transformer_stages)")
+    head = require(cfg, "head", where, dict)
+    check_keys(head, HEAD_KEYS, f"{where}.head")
+    return AutoVitSpec(
+        patch_size=_one(require(cfg, "patch_size", where), f"{where}.patch_size"),
+        head_dim=_one(require(cfg, "head_dim", where), f"{where}.head_dim"),
+        kernel=_one(cfg.get("kernel", 3), f"{where}.kernel", odd=True),
+        transition_expansion=_one(cfg.get("transition_expansion", 1), f"{where}.transition_expansion", "number"),
+        stem_widths=_choices(require(stem, "widths", f"{where}.stem"), f"{where}.stem.widths"),
+        stem_kernel=_one(stem.get("kernel", 3), f"{where}.stem.kernel", odd=True),
+        stem_stride=_one(stem.get("stride", 2), f"{where}.stem.stride", options=(1, 2)),
+        conv_stages=tuple(conv_stages),
+        transformer_stages=tuple(transformer_stages),
+        num_stages=num_stages,
+        head_widths=_choices(require(head, "widths", f"{where}.head"), f"{where}.head.widths"),
+        head_expansion=(None if head.get("expansion") is None
+                        else _one(head["expansion"], f"{where}.head.expansion", "number")),
+    )
+
+
+# ---- space ----------------------------------------------------------------------------------------
+class AutoVitSpace(SearchSpace):
+    """Flat dims such as `stem.width`, `mb2.depth`, `t3.heads`, `transformer.stages`, `head.width`.
+
+    A choice list with one value is fixed (no dim). Transformer stages beyond the sampled stage
+    count are inactive; `canonicalize` resets their dims so equal networks hash equal.
+    """
+
+    spec: AutoVitSpec
+
+    def value(self, arch: Mapping[str, Any], name: str, choices: tuple) -> Any:
+        return arch[name] if len(choices) > 1 else choices[0]
+
+    def active_stages(self, arch: Mapping[str, Any]) -> int:
+        return self.value(arch, NUM_STAGES_DIM, self.spec.num_stages)
+
+    def canonicalize(self, values: dict[str, Any]) -> dict[str, Any]:
+        for st in self.spec.transformer_stages[self.active_stages(values):]:
+            for field, choices in _transformer_fields(st):
+                if len(choices) > 1:
+                    values[f"{st.name}.{field}"] = choices[0]
+        return values
+
+    def log10_cardinality(self) -> float:
+        """Exact count of distinct networks: inactive transformer stages contribute one setting."""
+        spec = self.spec
+        fixed = len(spec.stem_widths) * len(spec.head_widths)
+        for st in spec.conv_stages:
+            fixed *= len(st.widths) * len(st.depths) * len(st.expansions) * len(st.kernels)
+        per_stage = [math.prod(len(c) for _, c in _transformer_fields(st)) for st in spec.transformer_stages]
+        networks = fixed * sum(math.prod(per_stage[:n]) for n in spec.num_stages)
+        return math.log10(networks)
+
+
+def _conv_fields(st: ConvStage) -> tuple[tuple[str, tuple], ...]:
+    return (("width", st.widths), ("depth", st.depths), ("expansion", st.expansions), ("kernel", st.kernels))
+
+
+def _transformer_fields(st: TransformerStage) -> tuple[tuple[str, tuple], ...]:
+    return (("width", st.widths), ("depth", st.depths), ("heads", st.heads), ("mlp_ratio", st.mlp_ratios))
+
+
+def build_space(cfg: dict) -> AutoVitSpace:
+    name = cfg["name"]
+    where = f"space {name}"
+    check_keys(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    spec = parse_spec(cfg, where)
+    dims = []
+
+    def add(dim_name: str, choices: tuple) -> None:
+        if len(choices) > 1:
+            dims.append(Dim(dim_name, choices))
+
+    add("stem.width", spec.stem_widths)
+    for st in spec.conv_stages:
+        for field, choices in _conv_fields(st):
+            add(f"{st.name}.{field}", choices)
+    add(NUM_STAGES_DIM, spec.num_stages)
+    for st in spec.transformer_stages:
+        for field, choices in _transformer_fields(st):
+            add(f"{st.name}.{field}", choices)
+    add("head.width", spec.head_widths)
+    space = AutoVitSpace(
+        name=name,
+        family="autovit",
+        dims=tuple(dims),
+        resolution=cfg.get("resolution", 256),
+        num_classes=cfg.get("num_classes", 1000),
+        in_channels=cfg.get("in_channels", 3),
+        config=dict(cfg),
+    )
+    space.spec = spec
+    return space
+
+
+# ---- a subnet as a flat plan ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvStep:
+    """One MBConv (also the transition of a transformer stage)."""
+
+    where: str  # module path inside the supernet
+    out: int
+    expansion: float
+    kernel: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class VitStep:
+    where: str
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+
+
+def subnet_plan(space: AutoVitSpace, arch: Mapping[str, Any]) -> tuple[int, list, int]:
+    """(stem width, ordered conv / MobileViT steps, head width) of `arch`: the one place that reads the arch."""
+    spec = space.spec
+    steps: list = []
+    for i, st in enumerate(spec.conv_stages):
+        width, depth, expansion, kernel = (space.value(arch, f"{st.name}.{f}", c) for f, c in _conv_fields(st))
+        for j in range(depth):
+            steps.append(ConvStep(f"conv_stages.{i}.{j}", width, expansion, kernel, st.stride if j == 0 else 1))
+    for i, st in enumerate(spec.transformer_stages[: space.active_stages(arch)]):
+        width, depth, heads, ratio = (space.value(arch, f"{st.name}.{f}", c) for f, c in _transformer_fields(st))
+        steps.append(ConvStep(f"transitions.{i}", width, spec.transition_expansion, spec.kernel, st.stride))
+        steps.append(VitStep(f"vit_blocks.{i}", width, depth, heads, ratio))
+    return space.value(arch, "stem.width", spec.stem_widths), steps, space.value(arch, "head.width", spec.head_widths)
+
+
+# ---- supernet -------------------------------------------------------------------------------------
+class AutoVitSupernet(Supernet):
+    """Weight-entangled AutoViT supernet; `forward(x, None)` runs the largest subnet (the teacher)."""
+
+    space: AutoVitSpace
+
+    def __init__(self, space: AutoVitSpace):
+        super().__init__(space)
+        spec = space.spec
+        self.stem = DynamicConvBnAct(space.in_channels, spec.stem_widths[-1], spec.stem_kernel, spec.stem_stride)
+        prev = spec.stem_widths[-1]
+        stages = []
+        for st in spec.conv_stages:
+            blocks = []
+            for j in range(st.depths[-1]):
+                blocks.append(DynamicInvertedResidual(prev if j == 0 else st.widths[-1], st.widths[-1],
+                                                      st.expansions[-1], st.kernels[-1], st.stride if j == 0 else 1))
+            stages.append(nn.ModuleList(blocks))
+            prev = st.widths[-1]
+        self.conv_stages = nn.ModuleList(stages)
+        transitions, vit_blocks = [], []
+        for st in spec.transformer_stages:
+            transitions.append(DynamicInvertedResidual(prev, st.widths[-1], spec.transition_expansion, spec.kernel,
+                                                       st.stride))
+            vit_blocks.append(DynamicMobileVitBlock(
+                st.widths[-1], st.depths[-1], st.heads[-1], mlp_hidden(st.widths[-1], st.mlp_ratios[-1]),
+                spec.head_dim, spec.kernel, spec.patch_size))
+            prev = st.widths[-1]
+        self.transitions = nn.ModuleList(transitions)
+        self.vit_blocks = nn.ModuleList(vit_blocks)
+        # The head reads the last *active* stage, which may be any stage from the smallest stage count on.
+        head_in = max(st.widths[-1] for st in spec.transformer_stages[spec.num_stages[0] - 1:])
+        self.head = DynamicMBPoolHead(head_in, spec.head_expansion, spec.head_widths[-1], space.num_classes)
+
+    def _module(self, where: str) -> nn.Module:
+        return self.get_submodule(where)
+
+    def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
+        arch = self.space.max_arch() if arch is None else self.as_arch(arch)
+        stem_width, steps, head_width = subnet_plan(self.space, arch)
+        x = self.stem(x, stem_width)
+        for step in steps:
+            module = self._module(step.where)
+            if isinstance(step, ConvStep):
+                x = module(x, step.out, step.expansion, step.kernel)
+            else:
+                x = module(x, step.depth, step.heads, mlp_hidden(step.width, step.mlp_ratio))
+        return self.head(x, head_width)
+
+    @torch.no_grad()
+    def blocks(self, arch: Arch, resolution: int | None = None) -> list[Block]:
+        stem_width, steps, head_width = subnet_plan(self.space, arch)
+        c, h, w = self.input_shape(1, resolution)[1:]
+        spec = self.space.spec
+        out = [Block(f"stem:k{spec.stem_kernel},s{spec.stem_stride},c{stem_width}@{c}x{h}x{w}",
+                     self.stem.static(c, stem_width), (1, c, h, w))]
+        k, s = spec.stem_kernel, spec.stem_stride
+        c, h, w = stem_width, conv_out_size(h, k, s), conv_out_size(w, k, s)
+        for step in steps:
+            module, shape = self._module(step.where), (1, c, h, w)
+            if isinstance(step, ConvStep):
+                key = f"mbconv:c{step.out},e{step.expansion:g},k{step.kernel},s{step.stride}@{c}x{h}x{w}"
+                out.append(Block(key, module.static(c, step.out, step.expansion, step.kernel), shape))
+                h, w = conv_out_size(h, step.kernel, step.stride), conv_out_size(w, step.kernel, step.stride)
+                c = step.out
+            else:
+                hidden = mlp_hidden(step.width, step.mlp_ratio)
+                key = (f"mobilevit:c{step.width},L{step.depth},h{step.heads}x{spec.head_dim},mlp{hidden},"
+                       f"p{patch_size_for(h, w, spec.patch_size)}@{c}x{h}x{w}")
+                out.append(Block(key, module.static(c, step.depth, step.heads, hidden), shape))
+        expansion = "" if spec.head_expansion is None else f"e{spec.head_expansion:g},"
+        key = f"mbpool:{expansion}c{head_width},n{self.space.num_classes}@{c}x{h}x{w}"
+        out.append(Block(key, self.head.static(c, head_width), (1, c, h, w)))
+        return out
+
+    def cost(self, arch: Arch, resolution: int | None = None) -> dict[str, int]:
+        """Exact params and MACs of the extracted subnet (conv / linear / attention matmuls), analytically."""
+        spec = self.space.spec
+        stem_width, steps, head_width = subnet_plan(self.space, arch)
+        c, h, w = self.input_shape(1, resolution)[1:]
+        params = macs = 0
+
+        def conv(cin: int, cout: int, k: int, stride: int, groups: int = 1, bn: bool = True) -> None:
+            nonlocal params, macs, h, w
+            h, w = conv_out_size(h, k, stride), conv_out_size(w, k, stride)
+            params += cout * (cin // groups) * k * k + (2 * cout if bn else 0)
+            macs += cout * (cin // groups) * k * k * h * w
+
+        conv(c, stem_width, spec.stem_kernel, spec.stem_stride)
+        c = stem_width
+        for step in steps:
+            if isinstance(step, ConvStep):
+                mid = c
+                if step.expansion != 1:
+                    mid = expanded_channels(c, step.expansion)
+                    conv(c, mid, 1, 1)
+                conv(mid, mid, step.kernel, step.stride, groups=mid)
+                conv(mid, step.out, 1, 1)
+                c = step.out
+                continue
+            tokens = h * w
+            p = patch_size_for(h, w, spec.patch_size)
+            n = tokens // (p * p)  # sequence length; p * p sequences
+            inner, hidden = step.heads * spec.head_dim, mlp_hidden(c, step.mlp_ratio)
+            conv(c, c, spec.kernel, 1)  # local representation
+            conv(c, c, 1, 1, bn=False)  # projection to the transformer width
+            per_layer_params = (4 * c  # two LayerNorms
+                                + c * 3 * inner + 3 * inner + inner * c + c  # qkv, proj
+                                + c * hidden + hidden + hidden * c + c)  # MLP
+            per_layer_macs = tokens * (c * 3 * inner + inner * c + 2 * c * hidden) \
+                + 2 * p * p * step.heads * n * n * spec.head_dim  # q @ k^T and attn @ v
+            params += step.depth * per_layer_params + 2 * c  # + final LayerNorm
+            macs += step.depth * per_layer_macs
+            conv(c, c, 1, 1)  # back-projection
+            conv(2 * c, c, spec.kernel, 1)  # fusion of concat(input, global features)
+        if spec.head_expansion is None:  # MobileViT head: 1x1 conv straight to the head width
+            conv(c, head_width, 1, 1)
+        else:  # NASViT MBPool: expand, pool, bias-free feature mix
+            mid = expanded_channels(c, spec.head_expansion)
+            conv(c, mid, 1, 1)
+            params += mid * head_width
+            macs += mid * head_width
+        params += head_width * self.space.num_classes + self.space.num_classes
+        macs += head_width * self.space.num_classes
+        return {"params": int(params), "macs": int(macs)}
+
+
+def build_supernet(space: AutoVitSpace, **kwargs: Any) -> AutoVitSupernet:
+    if kwargs:
+        raise SpaceError(f"autovit supernet: unknown options {sorted(kwargs)}; allowed: none")
+    return AutoVitSupernet(space)
+
+
+# ---- weight inheritance across supernets --------------------------------------------------------------
+@torch.no_grad()
+def inherit_weights(src: Supernet, dst: Supernet) -> dict[str, Any]:
+    """Copy every overlapping weight slice of `src` (a larger AutoViT supernet) into `dst`.
+
+    Tensors pair by name (same stage / block / layer index); each copies its shared prefix on every
+    axis (channels, heads x head_dim, MLP hidden units, classes) and the centred part of conv kernels.
+    BatchNorm running statistics are copied the same way, so a subnet present in both spaces
+    computes identically afterwards. Returns counts: `tensors` (copied), `elements` (copied),
+    `complete` (dst tensors entirely filled), and `skipped` (dst names with no counterpart in src).
+    """
+    if not isinstance(src, AutoVitSupernet) or not isinstance(dst, AutoVitSupernet):
+        raise SpaceError("inherit_weights: both supernets must be autovit supernets")
+    a, b = src.space.spec, dst.space.spec
+    if a.head_dim != b.head_dim:
+        raise SpaceError(f"inherit_weights: head_dim differs ({a.head_dim} vs {b.head_dim}); "
+                         f"heads can only be inherited between spaces with the same head_dim")
+    if a.head_expansion != b.head_expansion:  # MobileViT head vs NASViT MBPool: different layers
+        raise SpaceError(f"inherit_weights: head.expansion differs ({a.head_expansion} vs {b.head_expansion})")
+    src_state = src.state_dict()
+    tensors = elements = complete = 0
+    skipped = []
+    for name, target in dst.state_dict().items():
+        source = src_state.get(name)
+        if source is None or source.dim() != target.dim():
+            skipped.append(name)
+            continue
+        if target.dim() == 0:
+            target.copy_(source)
+            tensors, elements, complete = tensors + 1, elements + 1, complete + 1
+            continue
+        shared = [min(x, y) for x, y in zip(source.shape, target.shape)]
+        src_idx = [slice(0, m) for m in shared]
+        dst_idx = [slice(0, m) for m in shared]
+        if target.dim() in (4, 5) and source.shape[-1] != target.shape[-1]:
+            for axis in (-2, -1):  # centred kernels
+                k_src, k_dst = source.shape[axis], target.shape[axis]
+                m = min(k_src, k_dst)
+                src_idx[axis] = slice((k_src - m) // 2, (k_src - m) // 2 + m)
+                dst_idx[axis] = slice((k_dst - m) // 2, (k_dst - m) // 2 + m)
+        target[tuple(dst_idx)] = source[tuple(src_idx)]
+        n = math.prod(shared)
+        tensors, elements = tensors + 1, elements + n
+        complete += int(n == target.numel())
+    return {"tensors": tensors, "elements": elements, "complete": complete, "skipped": skipped}
