@@ -1,0 +1,480 @@
+"""SCAN-Edge supernet (seed 004, Table 5): an EfficientFormerV2 hybrid with searched FFN type, MHSA and activation.
+
+Structure (all of it from the YAML's stage table, `spaces/scanedge.yaml`): a stride-4 stem, then stages
+separated by stride-2 embeddings. Every stage has an elastic width and depth; each block is a dual FFN
+(unified = 1x1 / depthwise KxK / 1x1, or fused = KxK / 1x1; separate weights per type) with its own
+kernel, expansion and activation. Stages that declare `mhsa` may put a multi-head self-attention
+block in front of any FFN (its V expansion and activation are searched, `0` = no MHSA), which
+searches both the number and the position of MHSA layers. An `mhsa_ds` embedding adds the
+downsampling attention of EfficientFormerV2 to the strided conv.
+
+Dimension names: `stem.act`; per stage `stageN.width`, `stageN.depth`, `stageN.bJ.{ffn,expansion,
+kernel,act}` and, with MHSA, `stageN.bJ.{mhsa,mhsa_act}`; `embedN.{expansion,act}` for an
+attention embedding (embedN sits between stageN and stageN+1, the paper's numbering).
+
+`blocks(arch)` cuts a subnet into stem, embeddings, each MHSA, each FFN and the head. A piece's key
+is its kind at its stage plus input shape and choices, never its index inside the stage, so the
+latency table of a space has exactly the paper's "#n" entries per row (`block_variants`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from raynas.space import Arch, SearchSpace
+from raynas.space.loader import COMMON_KEYS, check_keys, require
+from raynas.space.space import Dim, SpaceError
+from raynas.supernets.base import Block, Supernet
+from raynas.supernets.scanedge_blocks import (
+    DynamicAttentionEmbedding,
+    DynamicConvEmbedding,
+    DynamicDualFFN,
+    DynamicHead,
+    DynamicMHSA,
+    DynamicStem,
+    conv_out,
+    ffn_hidden,
+)
+
+FAMILY_KEYS = ("stem", "stages", "attention", "layer_scale_init", "head")
+STAGE_KEYS = ("width", "depth", "ffn", "expansion", "kernel", "act", "embed", "mhsa")
+EMBED_TYPES = ("conv", "mhsa_ds")
+# String choices are ordered cheapest first, so `min_arch` / `max_arch` are the smallest / largest subnet.
+FFN_ORDER = ("unified", "fused")
+ACT_ORDER = ("relu", "gelu")
+NO_MHSA = 0
+
+
+# ---- the validated stage table --------------------------------------------------------------------
+@dataclass(frozen=True)
+class MhsaSpec:
+    expansions: tuple[int, ...]
+    acts: tuple[str, ...]
+    stride: int
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    type: str
+    kernel: int
+    expansions: tuple[int, ...] = ()
+    acts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    ffns: tuple[str, ...]
+    expansions: tuple[float, ...]
+    kernels: tuple[int, ...]
+    acts: tuple[str, ...]
+    embed: EmbedSpec | None
+    mhsa: MhsaSpec | None
+
+    @property
+    def max_hidden(self) -> int:
+        return ffn_hidden(self.widths[-1], self.expansions[-1])
+
+
+@dataclass(frozen=True)
+class ScanEdgeSpec:
+    stem_kernel: int
+    stem_acts: tuple[str, ...]
+    stages: tuple[StageSpec, ...]
+    heads: int
+    key_dim: int
+    downsample_key_dim: int
+    bias_resolution: int
+    layer_scale_init: float
+    distillation: bool
+
+
+def _where_list(cfg: Mapping[str, Any], key: str, where: str) -> list:
+    values = require(cfg, key, where, list)
+    if not values:
+        raise SpaceError(f"{where}.{key}: needs at least one choice")
+    if any(values.count(v) > 1 for v in values):  # also catches 2 vs 2.0
+        raise SpaceError(f"{where}.{key}: duplicate choices in {values}")
+    return values
+
+
+def _numbers(cfg, key: str, where: str, kind: type | tuple = int, odd: bool = False,
+             minimum: float = 1) -> tuple:
+    values = _where_list(cfg, key, where)
+    for v in values:
+        if not isinstance(v, kind) or isinstance(v, bool) or v < minimum or (odd and v % 2 == 0):
+            what = "odd positive integers" if odd else (
+                f"integers >= {minimum}" if kind is int else f"numbers >= {minimum}")
+            raise SpaceError(f"{where}.{key}: {v!r} is not allowed; allowed: a list of {what}")
+    return tuple(sorted(values))
+
+
+def _names(cfg, key: str, where: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    values = _where_list(cfg, key, where)
+    for v in values:
+        if v not in allowed:
+            raise SpaceError(f"{where}.{key}: {v!r} is not allowed; allowed: {list(allowed)}")
+    return tuple(a for a in allowed if a in values)
+
+
+def _positive_int(cfg, key: str, where: str, default: int | None = None, odd: bool = False) -> int:
+    if key not in cfg and default is not None:
+        return default
+    value = require(cfg, key, where, int)
+    if value < 1 or (odd and value % 2 == 0):
+        raise SpaceError(f"{where}.{key}: {value} is not allowed; allowed: a positive{' odd' if odd else ''} "
+                         f"integer")
+    return value
+
+
+def _widths(cfg, where: str) -> tuple[int, ...]:
+    """`{min, max, step}` as in Table 5's "(min, max, step size)", or an explicit list."""
+    if isinstance(cfg.get("width"), list):
+        return _numbers(cfg, "width", where)
+    spec = require(cfg, "width", where, dict)
+    w = f"{where}.width"
+    check_keys(spec, ("min", "max", "step"), w)
+    lo, hi, step = (_positive_int(spec, k, w) for k in ("min", "max", "step"))
+    if hi < lo or (hi - lo) % step:
+        raise SpaceError(f"{w}: min {lo}, max {hi}, step {step} is not allowed; allowed: min <= max and "
+                         f"max - min a multiple of step")
+    return tuple(range(lo, hi + 1, step))
+
+
+def _mapping(cfg, key: str, where: str) -> dict | None:
+    if cfg.get(key) is None:
+        return None
+    return require(cfg, key, where, dict)
+
+
+def _parse_stage(cfg: Any, where: str, first: bool) -> StageSpec:
+    if not isinstance(cfg, dict):
+        raise SpaceError(f"{where}: expected a mapping with fields {list(STAGE_KEYS)}")
+    check_keys(cfg, STAGE_KEYS, where)
+    embed_cfg = _mapping(cfg, "embed", where)
+    if first and embed_cfg is not None:
+        raise SpaceError(f"{where}.embed: not allowed on the first stage (the stem feeds it)")
+    if not first and embed_cfg is None:
+        raise SpaceError(f"{where}.embed: missing; every stage after the first starts with an embedding "
+                         f"(type one of {list(EMBED_TYPES)})")
+    embed = None
+    if embed_cfg is not None:
+        w = f"{where}.embed"
+        etype = require(embed_cfg, "type", w, str)
+        if etype not in EMBED_TYPES:
+            raise SpaceError(f"{w}.type: {etype!r} is not allowed; allowed: {list(EMBED_TYPES)}")
+        if etype == "conv":
+            check_keys(embed_cfg, ("type", "kernel"), w)
+            embed = EmbedSpec("conv", _positive_int(embed_cfg, "kernel", w, 3, odd=True))
+        else:
+            check_keys(embed_cfg, ("type", "kernel", "expansion", "act"), w)
+            embed = EmbedSpec("mhsa_ds", _positive_int(embed_cfg, "kernel", w, 3, odd=True),
+                              _numbers(embed_cfg, "expansion", w), _names(embed_cfg, "act", w, ACT_ORDER))
+    mhsa = None
+    mhsa_cfg = _mapping(cfg, "mhsa", where)
+    if mhsa_cfg is not None:
+        w = f"{where}.mhsa"
+        check_keys(mhsa_cfg, ("expansion", "act", "stride"), w)
+        stride = mhsa_cfg.get("stride", 1)
+        if stride not in (1, 2) or isinstance(stride, bool):
+            raise SpaceError(f"{w}.stride: {stride!r} is not allowed; allowed: [1, 2]")
+        mhsa = MhsaSpec(_numbers(mhsa_cfg, "expansion", w), _names(mhsa_cfg, "act", w, ACT_ORDER), stride)
+    return StageSpec(
+        widths=_widths(cfg, where),
+        depths=_numbers(cfg, "depth", where),
+        ffns=_names(cfg, "ffn", where, FFN_ORDER),
+        expansions=_numbers(cfg, "expansion", where, (int, float), minimum=0.25),
+        kernels=_numbers(cfg, "kernel", where, odd=True),
+        acts=_names(cfg, "act", where, ACT_ORDER),
+        embed=embed,
+        mhsa=mhsa,
+    )
+
+
+def parse_spec(cfg: Mapping[str, Any], where: str) -> ScanEdgeSpec:
+    stem = require(cfg, "stem", where, dict)
+    check_keys(stem, ("kernel", "act"), f"{where}.stem")
+    stages_cfg = require(cfg, "stages", where, list)
+    if not stages_cfg:
+        raise SpaceError(f"{where}.stages: needs at least one stage")
+    stages = tuple(_parse_stage(s, f"{where}.stages[{i}]", i == 0) for i, s in enumerate(stages_cfg))
+    for i, s in enumerate(stages):
+        if ffn_hidden(s.widths[0], s.expansions[0]) < 1:
+            raise SpaceError(f"{where}.stages[{i}].expansion: {s.expansions[0]} gives an empty FFN at width "
+                             f"{s.widths[0]}; allowed: width * expansion >= 1")
+    if stages[0].widths[0] < 2:
+        raise SpaceError(f"{where}.stages[0].width: {stages[0].widths[0]} is not allowed; allowed: >= 2 "
+                         f"(the stem's first conv has half the width)")
+    attention = _mapping(cfg, "attention", where) or {}
+    check_keys(attention, ("heads", "key_dim", "downsample_key_dim", "bias_resolution"), f"{where}.attention")
+    head = _mapping(cfg, "head", where) or {}
+    check_keys(head, ("distillation",), f"{where}.head")
+    distillation = head.get("distillation", False)
+    if not isinstance(distillation, bool):
+        raise SpaceError(f"{where}.head.distillation: expected true or false, got {distillation!r}")
+    ls_init = cfg.get("layer_scale_init", 1e-5)
+    if not isinstance(ls_init, (int, float)) or isinstance(ls_init, bool) or ls_init <= 0:
+        raise SpaceError(f"{where}.layer_scale_init: {ls_init!r} is not allowed; allowed: a positive number")
+    return ScanEdgeSpec(
+        stem_kernel=_positive_int(stem, "kernel", f"{where}.stem", 3, odd=True),
+        stem_acts=_names(stem, "act", f"{where}.stem", ACT_ORDER),
+        stages=stages,
+        heads=_positive_int(attention, "heads", f"{where}.attention", 8),
+        key_dim=_positive_int(attention, "key_dim", f"{where}.attention", 32),
+        downsample_key_dim=_positive_int(attention, "downsample_key_dim", f"{where}.attention", 16),
+        bias_resolution=_positive_int(attention, "bias_resolution", f"{where}.attention", 224),
+        layer_scale_init=float(ls_init),
+        distillation=distillation,
+    )
+
+
+# ---- dimension names ----------------------------------------------------------------------------
+def stage_name(i: int) -> str:
+    return f"stage{i + 1}"
+
+
+def embed_name(i: int) -> str:
+    """The embedding in front of stage i (0-based) is the paper's "Embed i" (Embed 1 feeds stage 2)."""
+    return f"embed{i}"
+
+
+def block_dim(i: int, j: int, field: str) -> str:
+    return f"{stage_name(i)}.b{j}.{field}"
+
+
+def block_fields(stage: StageSpec) -> list[tuple[str, tuple]]:
+    """(field, choices) of one block of `stage`; `mhsa` 0 means no MHSA in front of the FFN."""
+    fields = [("ffn", stage.ffns), ("expansion", stage.expansions), ("kernel", stage.kernels),
+              ("act", stage.acts)]
+    if stage.mhsa is not None:
+        fields += [("mhsa", (NO_MHSA, *stage.mhsa.expansions)), ("mhsa_act", stage.mhsa.acts)]
+    return fields
+
+
+class ScanEdgeSpace(SearchSpace):
+    """The SCAN-Edge space; `spec` is the validated stage table."""
+
+    spec: ScanEdgeSpec
+
+    def canonicalize(self, values: dict[str, Any]) -> dict[str, Any]:
+        # Blocks past the depth, and the activation of an absent MHSA, do not exist: reset them to
+        # their first choice so equal networks hash equal.
+        for i, stage in enumerate(self.spec.stages):
+            depth = values[f"{stage_name(i)}.depth"]
+            for j in range(stage.depths[-1]):
+                if j >= depth:
+                    for field, choices in block_fields(stage):
+                        values[block_dim(i, j, field)] = choices[0]
+                elif stage.mhsa is not None and values[block_dim(i, j, "mhsa")] == NO_MHSA:
+                    values[block_dim(i, j, "mhsa_act")] = stage.mhsa.acts[0]
+        return values
+
+    def log10_cardinality(self) -> float:
+        spec = self.spec
+        networks = len(spec.stem_acts)
+        for stage in spec.stages:
+            per_block = len(stage.ffns) * len(stage.expansions) * len(stage.kernels) * len(stage.acts)
+            if stage.mhsa is not None:
+                per_block *= 1 + len(stage.mhsa.expansions) * len(stage.mhsa.acts)
+            embed = 1
+            if stage.embed is not None and stage.embed.type == "mhsa_ds":
+                embed = len(stage.embed.expansions) * len(stage.embed.acts)
+            networks *= len(stage.widths) * embed * sum(per_block**d for d in stage.depths)
+        return math.log10(networks)
+
+
+def _dims(spec: ScanEdgeSpec) -> list[Dim]:
+    dims = [Dim("stem.act", spec.stem_acts)]
+    for i, stage in enumerate(spec.stages):
+        if stage.embed is not None and stage.embed.type == "mhsa_ds":
+            dims += [Dim(f"{embed_name(i)}.expansion", stage.embed.expansions),
+                     Dim(f"{embed_name(i)}.act", stage.embed.acts)]
+        dims += [Dim(f"{stage_name(i)}.width", stage.widths), Dim(f"{stage_name(i)}.depth", stage.depths)]
+        for j in range(stage.depths[-1]):
+            dims += [Dim(block_dim(i, j, f), c) for f, c in block_fields(stage)]
+    return dims
+
+
+def build_space(cfg: dict) -> ScanEdgeSpace:
+    name = cfg["name"]
+    where = f"space {name}"
+    check_keys(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    spec = parse_spec(cfg, where)
+    space = ScanEdgeSpace(name=name, family="scanedge", dims=tuple(_dims(spec)),
+                          resolution=cfg.get("resolution", 224), num_classes=cfg.get("num_classes", 1000),
+                          in_channels=cfg.get("in_channels", 3), config=dict(cfg))
+    space.spec = spec
+    return space
+
+
+# ---- the supernet ---------------------------------------------------------------------------------
+@dataclass
+class Piece:
+    """One sequential piece of a subnet: the dynamic module, its choices and its input (C, H, W)."""
+
+    kind: str
+    module: nn.Module
+    choices: dict[str, Any]
+    in_shape: tuple[int, ...]
+    note: str = ""  # key-only facts that are not choices (the head's class count)
+
+    @property
+    def key(self) -> str:
+        c, h, w = self.in_shape
+        parts = [self.kind, f"in={c}x{h}x{w}"] + [f"{k}={v}" for k, v in self.choices.items()]
+        return "|".join(parts + ([self.note] if self.note else []))
+
+
+class ScanEdgeSupernet(Supernet):
+    """Weight-entangled EfficientFormerV2 supernet over a `ScanEdgeSpace`.
+
+    The attention-bias tables are sized for `attention.bias_resolution` of the YAML, not for the
+    space's (overridable) resolution, so one checkpoint serves every input resolution: a smaller
+    input uses the sub-table of its offsets, a larger one reuses the farthest learned offset.
+    """
+
+    def __init__(self, space: ScanEdgeSpace):
+        super().__init__(space)
+        spec = space.spec
+        res = conv_out(conv_out(spec.bias_resolution, spec.stem_kernel, 2), spec.stem_kernel, 2)
+        self.stem = DynamicStem(space.in_channels, spec.stages[0].widths[-1], spec.stem_kernel)
+        self.embeds = nn.ModuleDict()
+        self.stages = nn.ModuleList()
+        prev_width = spec.stages[0].widths[-1]
+        for i, stage in enumerate(spec.stages):
+            width = stage.widths[-1]
+            if stage.embed is not None:
+                e = stage.embed
+                if e.type == "conv":
+                    self.embeds[embed_name(i)] = DynamicConvEmbedding(prev_width, width, e.kernel)
+                else:
+                    self.embeds[embed_name(i)] = DynamicAttentionEmbedding(
+                        prev_width, width, e.kernel, spec.heads, spec.downsample_key_dim, e.expansions[-1], res)
+                res = conv_out(res, e.kernel, 2)
+            blocks = nn.ModuleList()
+            for _ in range(stage.depths[-1]):
+                block = nn.Module()
+                if stage.mhsa is not None:
+                    m = stage.mhsa
+                    table = conv_out(res, 3, m.stride) if m.stride > 1 else res
+                    block.mhsa = DynamicMHSA(width, spec.heads, spec.key_dim, m.expansions[-1], m.stride, table,
+                                             spec.layer_scale_init)
+                block.ffn = DynamicDualFFN(stage.ffns, width, stage.max_hidden, stage.kernels[-1],
+                                           spec.layer_scale_init)
+                blocks.append(block)
+            self.stages.append(blocks)
+            prev_width = width
+        self.head = DynamicHead(prev_width, space.num_classes, spec.distillation)
+        self._head_note = f"classes={space.num_classes}"
+
+    # ---- the plan shared by forward, blocks and cost ------------------------------------------------
+    def _pieces(self, arch: Mapping[str, Any], hw: tuple[int, int]) -> Iterator[Piece]:
+        """The subnet's pieces in execution order, each with its input shape (shapes follow `hw`)."""
+        spec, a = self.space.spec, arch
+        width = a[f"{stage_name(0)}.width"]
+        piece = Piece("stem", self.stem, {"width": width, "act": a["stem.act"]},
+                      (self.space.in_channels, *hw))
+        yield piece
+        shape = self.stem.out_shape(piece.in_shape, **piece.choices)
+        for i, stage in enumerate(spec.stages):
+            s = stage_name(i)
+            width = a[f"{s}.width"]
+            if stage.embed is not None:
+                e = embed_name(i)
+                choices = {"width": width}
+                if stage.embed.type == "mhsa_ds":
+                    choices |= {"expansion": a[f"{e}.expansion"], "act": a[f"{e}.act"]}
+                module = self.embeds[e]
+                yield Piece(e, module, choices, shape)
+                shape = module.out_shape(shape, **choices)
+            for j in range(a[f"{s}.depth"]):
+                block = self.stages[i][j]
+                if stage.mhsa is not None and a[block_dim(i, j, "mhsa")] != NO_MHSA:
+                    yield Piece(f"{s}.mhsa", block.mhsa, {"expansion": a[block_dim(i, j, "mhsa")],
+                                                          "act": a[block_dim(i, j, "mhsa_act")]}, shape)
+                yield Piece(f"{s}.ffn", block.ffn, {f: a[block_dim(i, j, f)] for f in
+                                                    ("ffn", "expansion", "kernel", "act")}, shape)
+        yield Piece("head", self.head, {}, shape, self._head_note)
+
+    def _arch_values(self, arch: Mapping[str, Any] | None) -> dict[str, Any]:
+        arch = self.space.max_arch() if arch is None else self.as_arch(arch)
+        return arch.to_dict()
+
+    def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
+        for piece in self._pieces(self._arch_values(arch), tuple(x.shape[2:])):
+            x = piece.module(x, **piece.choices)
+        return x
+
+    @torch.no_grad()
+    def blocks(self, arch: Arch, resolution: int | None = None) -> list[Block]:
+        r = resolution or self.space.resolution
+        return [Block(p.key, p.module.static(p.in_shape, **p.choices), (1, *p.in_shape))
+                for p in self._pieces(self._arch_values(arch), (r, r))]
+
+    def cost(self, arch: Arch, resolution: int | None = None) -> dict[str, int]:
+        r = resolution or self.space.resolution
+        params = macs = 0
+        for p in self._pieces(self._arch_values(arch), (r, r)):
+            p_params, p_macs = p.module.cost(p.in_shape, **p.choices)
+            params, macs = params + p_params, macs + p_macs
+        return {"params": params, "macs": macs}
+
+    def block_variants(self, resolution: int | None = None) -> dict[str, tuple[nn.Module, dict, tuple]]:
+        """Every distinct piece of the space at `resolution`: key -> (dynamic module, choices, in shape).
+
+        This is what a per-block latency table must profile (build one with
+        `module.static(in_shape, **choices)`); the counts per row equal Table 5's "#n" column.
+        """
+        r = resolution or self.space.resolution
+        spec = self.space.spec
+        variants: dict[str, tuple[nn.Module, dict, tuple]] = {}
+
+        def add(kind, module, choices, shape, note=""):
+            piece = Piece(kind, module, choices, shape, note)
+            variants.setdefault(piece.key, (module, choices, shape))
+
+        hw = (r, r)
+        in_shape = (self.space.in_channels, *hw)
+        for width, act in itertools.product(spec.stages[0].widths, spec.stem_acts):
+            add("stem", self.stem, {"width": width, "act": act}, in_shape)
+        hw = self.stem.out_shape(in_shape, spec.stages[0].widths[0], spec.stem_acts[0])[1:]
+        prev_widths = spec.stages[0].widths
+        for i, stage in enumerate(spec.stages):
+            s = stage_name(i)
+            if stage.embed is not None:
+                e, module = embed_name(i), self.embeds[embed_name(i)]
+                extra = [{}]
+                if stage.embed.type == "mhsa_ds":
+                    extra = [{"expansion": x, "act": a}
+                             for x, a in itertools.product(stage.embed.expansions, stage.embed.acts)]
+                for cin, cout, more in itertools.product(prev_widths, stage.widths, extra):
+                    add(e, module, {"width": cout, **more}, (cin, *hw))
+                hw = module.out_shape((prev_widths[0], *hw), stage.widths[0], **extra[0])[1:]
+            block = self.stages[i][0]
+            for width in stage.widths:
+                if stage.mhsa is not None:
+                    for x, a in itertools.product(stage.mhsa.expansions, stage.mhsa.acts):
+                        add(f"{s}.mhsa", block.mhsa, {"expansion": x, "act": a}, (width, *hw))
+                for f, x, k, a in itertools.product(stage.ffns, stage.expansions, stage.kernels, stage.acts):
+                    add(f"{s}.ffn", block.ffn, {"ffn": f, "expansion": x, "kernel": k, "act": a}, (width, *hw))
+            prev_widths = stage.widths
+        for width in prev_widths:
+            add("head", self.head, {}, (width, *hw), self._head_note)
+        return variants
+
+
+def build_supernet(space: ScanEdgeSpace, **kwargs: Any) -> ScanEdgeSupernet:
+    if kwargs:
+        raise TypeError(f"scanedge supernet: unexpected options {sorted(kwargs)}")
+    return ScanEdgeSupernet(space)
+
+
+__all__ = ["ScanEdgeSpace", "ScanEdgeSupernet", "build_space", "build_supernet"]
