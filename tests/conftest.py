@@ -23,7 +23,22 @@ def ray_local():
         # Workers import test modules (actor classes defined in tests) from this directory.
         tests_dir = os.path.dirname(os.path.abspath(__file__))
         pythonpath = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  resources={"device:local-cpu": 1}, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_nb201_yaml(tmp_path_factory):
+    """The NB201 cell space on a tiny skeleton (C=4, one cell per stage): a space YAML path for fast
+    training tests. Same dims and ops as the built-in `nb201`."""
+    import yaml
+
+    from raynas.space.loader import builtin_spaces_dir
+
+    cfg = yaml.safe_load((builtin_spaces_dir() / "nb201.yaml").read_text())
+    cfg.update(name="nb201-tiny", channels=[4, 8, 16], cells_per_stage=1, resolution=16, num_classes=10)
+    path = tmp_path_factory.mktemp("spaces") / "nb201-tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)

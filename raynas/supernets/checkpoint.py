@@ -17,6 +17,8 @@ class CheckpointError(UserError):
 
 
 def supernet_state(supernet: Supernet, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    from raynas.supernets import supernet_kwargs
+
     return {
         "format": "raynas-supernet/1",
         "space": supernet.space.name,
@@ -24,6 +26,7 @@ def supernet_state(supernet: Supernet, extra: dict[str, Any] | None = None) -> d
         "num_classes": supernet.space.num_classes,
         "resolution": supernet.space.resolution,
         "model": supernet.state_dict(),
+        "supernet_kwargs": supernet_kwargs(supernet),
         **(extra or {}),
     }
 

@@ -1,0 +1,45 @@
+"""`raynas train CONFIG.yaml`: train a supernet on Ray Train (plugged into the `raynas` command)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, config_flag: bool = False) -> None:
+    """The `raynas train` options; `config_flag` takes the config as `--config` (job specs) instead of
+    a positional argument."""
+    if config_flag:
+        parser.add_argument("--config", required=True, help="training config YAML (see pipelines/configs/)")
+    else:
+        parser.add_argument("config", help="training config YAML (see pipelines/configs/)")
+    parser.add_argument("--num-workers", type=int, help="Ray Train workers (overrides scaling.num_workers)")
+    parser.add_argument("--use-gpu", action="store_true", default=None,
+                        help="one GPU per worker (overrides scaling.use_gpu)")
+    parser.add_argument("--name", help="run name (default: config name, else the file's stem); "
+                        "re-running a name resumes it")
+    parser.add_argument("--storage", help="directory holding runs (overrides storage_path)")
+    parser.add_argument("--epochs", type=int, help="total epochs (overrides epochs)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    return {"scaling.num_workers": args.num_workers, "scaling.use_gpu": args.use_gpu, "name": args.name,
+            "storage_path": args.storage, "epochs": args.epochs}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raynas.train.config import load_train_config
+    from raynas.train.trainer import train
+
+    cfg = load_train_config(args.config, overrides_from_args(args))
+    result = train(cfg)
+    print(json.dumps({"run_dir": str(result.run_dir), "supernet": str(result.supernet_path),
+                      "metrics": str(result.metrics_path),
+                      "checkpoint": str(result.checkpoint_dir) if result.checkpoint_dir else None}))
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a supernet with Ray Train (resumes a run by name)")
+    add_train_arguments(parser)
+    parser.set_defaults(func=cmd_train)

@@ -1,0 +1,134 @@
+"""`mole`: TAS-LoRA fine-tuning (seed 003 §3.3, §4.1.2) of a trained AutoFormer supernet.
+
+The supernet (`init_from`, a `raynas train` output such as `<run>/supernet.pt`) is loaded and
+frozen; LoRA experts and an LSTM router (`raynas.nn.lora`) are attached and trained. Each step
+trains one uniformly sampled subnet on the labels, as AutoFormer does. For the first
+`warmup_epochs` (paper: 5) the router is frozen, so each expert learns from the group of blocks
+the group-wise initialisation gave it; afterwards experts and router train jointly.
+
+Optimisers follow the paper: the experts use the configured optimizer (TAS-LoRA: AdamW, lr 5e-4,
+with `scheduler.warmup_epochs: 5` giving its linear warm-up), the router its own SGD
+(`router_lr`, paper 0.1); both follow the configured cosine schedule. The saved supernet is the
+`MoLESupernet`: its `extract(arch)` merges the subnet's LoRA mixture into plain linear weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raynas.errors import ConfigError
+from raynas.nn.lora import MOLE_DEFAULTS, MoLESupernet, attach_mole, validate_mole_config
+from raynas.train.losses import accuracy, label_loss
+from raynas.train.samplers import uniform_arch
+from raynas.train.strategies import register_strategy
+from raynas.train.strategies.base import StepContext, Strategy
+
+STRATEGY_KEYS = {"init_from": None, "warmup_epochs": 5, "router_lr": 0.1, "router_momentum": 0.9,
+                 "router_weight_decay": 0.0}
+
+
+def _read_checkpoint_header(path: str, where: str) -> dict[str, Any]:
+    """The checkpoint's description without materialising its tensors (mmap)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{where}: file {p} does not exist (a trained autoformer supernet, e.g. "
+                          f"<storage_path>/<run>/supernet.pt)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for foreign files
+        raise ConfigError(f"{where}: {p} is not a raynas supernet checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != "raynas-supernet/1":
+        raise ConfigError(f"{where}: {p} is not a raynas supernet checkpoint")
+    return state
+
+
+def load_pretrained(supernet: torch.nn.Module, path: str, where: str = "strategy.init_from") -> None:
+    """Load a plain supernet checkpoint of the same space, resolution and classes into `supernet`."""
+    state = _read_checkpoint_header(path, where)
+    space = supernet.space
+    if state["space"] != space.name:
+        raise ConfigError(f"{where}: {path} was trained on space '{state['space']}', not '{space.name}'")
+    for key, ours in (("resolution", space.resolution), ("num_classes", space.num_classes)):
+        if state.get(key) != ours:
+            raise ConfigError(f"{where}: {path} was trained with {key} {state.get(key)}; this run has {ours} "
+                              f"(set `resolution` / the dataset to match the pretrained supernet)")
+    if any(k.endswith(("lora_a", "lora_b")) or k.startswith("router.") for k in state["model"]):
+        raise ConfigError(f"{where}: {path} already holds MoLE experts; give the plain pretrained supernet")
+    supernet.load_state_dict(state["model"])
+
+
+@register_strategy
+class MoLEStrategy(Strategy):
+    name = "mole"
+    FAMILIES = ("autoformer",)
+    DEFAULTS = {**STRATEGY_KEYS, **MOLE_DEFAULTS}
+
+    @classmethod
+    def check(cls, options: dict[str, Any], where: str) -> None:
+        if options["init_from"] is None:
+            raise ConfigError(f"{where}.init_from: missing; give the trained autoformer supernet to fine-tune "
+                              f"(e.g. <storage_path>/<run>/supernet.pt)")
+        if not isinstance(options["init_from"], str):
+            raise ConfigError(f"{where}.init_from: expected a checkpoint path, got {options['init_from']!r}")
+        options["init_from"] = str(Path(options["init_from"]).expanduser().resolve())
+        state = _read_checkpoint_header(options["init_from"], f"{where}.init_from")
+        family = state.get("space_config", {}).get("family")
+        if family not in cls.FAMILIES:
+            raise ConfigError(f"{where}.init_from: {options['init_from']} is a '{family}' supernet; "
+                              f"mole fine-tunes {list(cls.FAMILIES)} supernets")
+        if options["warmup_epochs"] < 0:
+            raise ConfigError(f"{where}.warmup_epochs: expected an integer >= 0, got {options['warmup_epochs']}")
+        if not options["router_lr"] > 0:
+            raise ConfigError(f"{where}.router_lr: expected a number > 0, got {options['router_lr']}")
+        if not 0 <= options["router_momentum"] < 1:
+            raise ConfigError(f"{where}.router_momentum: expected a number in [0, 1), "
+                              f"got {options['router_momentum']}")
+        if options["router_weight_decay"] < 0:
+            raise ConfigError(f"{where}.router_weight_decay: expected a number >= 0, "
+                              f"got {options['router_weight_decay']}")
+        validate_mole_config(cls.mole_config(options), where)
+
+    @staticmethod
+    def mole_config(options: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: options[k] for k in MOLE_DEFAULTS}
+
+    # ---- model and optimizers --------------------------------------------------------------------
+    def prepare_model(self, supernet: torch.nn.Module) -> MoLESupernet:
+        load_pretrained(supernet, self.options["init_from"])
+        return attach_mole(supernet, self.mole_config(self.options))
+
+    def configure_optimizers(self, model: MoLESupernet, make_optimizer) -> dict[str, torch.optim.Optimizer]:
+        router = torch.optim.SGD(model.router_parameters(), lr=self.options["router_lr"],
+                                 momentum=self.options["router_momentum"],
+                                 weight_decay=self.options["router_weight_decay"])
+        return {"lora": make_optimizer(model.lora_parameters()), "router": router}
+
+    def export_supernet(self, model: MoLESupernet) -> MoLESupernet:
+        return model  # a Supernet itself: its extract() merges the LoRA mixture
+
+    # ---- training --------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, float]:
+        net: MoLESupernet = ctx.module
+        frozen = ctx.epoch < self.options["warmup_epochs"]
+        net.set_router_frozen(frozen)
+        arch = uniform_arch(self.space, self.rng)
+        logits, loss = ctx.forward_backward(x, arch, label_loss(y, ctx.label_smoothing))
+        if frozen:
+            ctx.optimizer_step("lora")
+            # The router has no gradients (routing ran without them): this step changes nothing; it
+            # only keeps the router's LR schedule in step with its optimizer.
+            ctx.optimizers["router"].step()
+        else:
+            ctx.optimizer_step("lora", "router")
+        with torch.no_grad():
+            block_gates, _ = net.routing(arch)
+        return {"loss": float(loss), "train_acc": accuracy(logits, y), "router_frozen": float(frozen),
+                # mean probability of each layer's top expert: 1 = hard routing, 1/E = uniform
+                "router_top_prob": float(block_gates.max(dim=-1).values.mean())}
+
+
+__all__ = ["MoLEStrategy", "load_pretrained"]

@@ -1,0 +1,156 @@
+"""The driver side of supernet training: validate, locate the run, launch TorchTrainer, collect.
+
+`train(config)` is what `raynas train` and `pipelines/train_supernet.py` call. Everything that can
+be checked without compute (config, space, strategy/space fit, supernet options, data paths,
+resume consistency, cluster resources) is checked here before any worker starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raynas.errors import ConfigError, UserError
+from raynas.space import SearchSpace
+from raynas.train.checkpointing import find_latest_checkpoint, read_meta
+from raynas.train.config import validate_train_config
+from raynas.train.metrics import METRICS_FILE, read_metrics
+
+SUPERNET_FILE = "supernet.pt"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunPlan:
+    cfg: dict[str, Any]
+    space: SearchSpace
+    num_classes: int
+    run_dir: Path
+    resume_dir: Path | None   # latest complete checkpoint already in the run directory
+    resume_epoch: int
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    supernet_path: Path
+    metrics_path: Path
+    checkpoint_dir: Path | None
+    epochs: int
+
+    def metrics(self):
+        return read_metrics(self.run_dir)
+
+
+def plan_run(cfg: Mapping[str, Any]) -> RunPlan:
+    """Validate everything checkable without compute; `cfg` may be raw or already validated."""
+    from raynas.data import dataset_num_classes
+    from raynas.space import load_space
+    from raynas.supernets import build_supernet
+    from raynas.train.strategies import get_strategy_class
+
+    cfg = validate_train_config(cfg)
+    if cfg["name"] is None:
+        raise ConfigError("name: missing (give the run a name, e.g. --name)")
+    num_classes = dataset_num_classes(cfg["data"])
+    space = load_space(cfg["space"], resolution=cfg["resolution"], num_classes=num_classes)
+    get_strategy_class(cfg["strategy"]["name"]).check_space(space)
+    try:
+        build_supernet(space, **cfg["supernet"])
+    except (TypeError, UserError) as exc:  # e.g. an option the family's builder does not take
+        raise ConfigError(f"supernet: {exc}") from None
+    run_dir = Path(cfg["storage_path"]) / cfg["name"]
+    resume_dir = find_latest_checkpoint(run_dir)
+    resume_epoch = 0
+    if resume_dir is not None:
+        meta = read_meta(resume_dir)
+        if meta["space"] != space.name:
+            raise ConfigError(f"name: run '{cfg['name']}' in {cfg['storage_path']} trained space "
+                              f"'{meta['space']}', not '{space.name}'; choose another --name")
+        resume_epoch = meta["epoch"]
+    return RunPlan(cfg, space, num_classes, run_dir, resume_dir, resume_epoch)
+
+
+def _ensure_ray(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Connect to the cluster (RAY_ADDRESS / a running one) or start a local one; check that a local
+    one can host the workers, since Ray Train would otherwise wait for resources forever."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(log_to_driver=True)
+    if len(ray.nodes()) == 1:  # a lone node: no autoscaler will bring more resources
+        resources = ray.cluster_resources()
+        if use_gpu and resources.get("GPU", 0) < num_workers:
+            raise ConfigError(f"scaling.use_gpu: {num_workers} workers need {num_workers} GPUs; "
+                              f"this Ray cluster has {int(resources.get('GPU', 0))}")
+        if resources.get("CPU", 0) < num_workers * cpus_per_worker:
+            raise ConfigError(f"scaling.num_workers: {num_workers} workers x {cpus_per_worker} CPUs exceed the "
+                              f"{resources.get('CPU', 0):g} CPUs of this Ray cluster")
+
+
+def _user_error_of(exc: BaseException) -> UserError | None:
+    """A raynas UserError raised inside a worker, if that is what failed the run."""
+    failures = list(getattr(exc, "worker_failures", {}).values())
+    for failure in failures:
+        seen = 0
+        while failure is not None and seen < 10:
+            if isinstance(failure, UserError):
+                return failure
+            failure = getattr(failure, "cause", None) or failure.__cause__
+            seen += 1
+    return None
+
+
+def train(cfg: Mapping[str, Any], *, quiet: bool = False) -> TrainResult:
+    """Train a supernet as configured (see pipelines/configs/*.yaml); resume the run if it exists."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    from raynas.train.loop import train_loop_per_worker
+
+    plan = plan_run(cfg)
+    cfg = plan.cfg
+    scaling = cfg["scaling"]
+    _ensure_ray(scaling["num_workers"], scaling["cpus_per_worker"], scaling["use_gpu"])
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    (plan.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if not quiet:
+        resumed = f", resuming after epoch {plan.resume_epoch}" if plan.resume_dir else ""
+        print(f"raynas train: run '{cfg['name']}' in {plan.run_dir}: space {plan.space.name} "
+              f"(resolution {plan.space.resolution}, {plan.num_classes} classes), strategy "
+              f"{cfg['strategy']['name']}, {cfg['epochs']} epochs on {scaling['num_workers']} "
+              f"{'GPU' if scaling['use_gpu'] else 'CPU'} worker(s){resumed}", file=sys.stderr, flush=True)
+
+    resources = {"CPU": scaling["cpus_per_worker"]}
+    if scaling["use_gpu"]:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "run_dir": str(plan.run_dir), "num_classes": plan.num_classes,
+                           "resume_dir": str(plan.resume_dir) if plan.resume_dir else None},
+        scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg["name"], storage_path=cfg["storage_path"],
+            failure_config=FailureConfig(max_failures=cfg["failure"]["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg["checkpoint"]["num_to_keep"]),
+            # Ray Train's per-report INFO lines would drown the one progress line per epoch.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        user_error = _user_error_of(exc)
+        if user_error is not None:  # e.g. a batch larger than a worker's shard: one line, exit 2
+            raise user_error from None
+        raise
+    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    supernet_path = plan.run_dir / SUPERNET_FILE
+    return TrainResult(plan.run_dir, supernet_path, plan.run_dir / METRICS_FILE, checkpoint_dir, cfg["epochs"])
