@@ -43,3 +43,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a supernet with Ray Train (resumes a run by name)")
     add_train_arguments(parser)
     parser.set_defaults(func=cmd_train)
+
+    from raynas.train.inherit import register as register_train_sizes
+
+    register_train_sizes(subparsers)
