@@ -14,19 +14,42 @@ def rng():
     return np.random.default_rng(0)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray instance for the whole session (2 CPUs, like CI)."""
+# Ray workers import actor/strategy classes defined in test modules: they inherit this PYTHONPATH
+# from the raylet that any test's ray.init starts.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def start_local_ray():
+    """A real local Ray (2 CPUs, like CI) advertising this machine as device `local-cpu`.
+
+    Reuses the running instance when it is such a one; a test module that needed another shape of
+    cluster (e.g. the two-node one in test_hw) may have replaced it, and then it is restarted.
+    """
     import ray
 
-    if not ray.is_initialized():
-        # Workers import test modules (actor classes defined in tests) from this directory.
-        tests_dir = os.path.dirname(os.path.abspath(__file__))
-        pythonpath = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 resources={"device:local-cpu": 1}, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        if ray.cluster_resources().get("device:local-cpu") and len(ray.nodes()) == 1:
+            return ray
+        ray.shutdown()
+    # address="local": never join a cluster that some `ray start` left running on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             resources={"device:local-cpu": 1})
+    return ray
+
+
+@pytest.fixture
+def ray_local():
+    yield start_local_ray()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

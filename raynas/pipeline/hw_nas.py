@@ -59,7 +59,11 @@ def validate_pipeline_config(cfg: dict[str, Any]) -> dict[str, Any]:
         train = dict(out["train"])
         train.setdefault("storage_path", str((run_dir / "train").resolve()))
         train.setdefault("name", "supernet")
-        out["train"] = validate_train_config(train)
+        space = train.get("space")
+        if isinstance(space, str) and space.endswith((".yaml", ".yml")) and Path(space).is_file():
+            # Ray Train workers load the space themselves, from another working directory.
+            train["space"] = str(Path(space).resolve())
+        out["train"] = _as_section("train", validate_train_config, train)
     if not isinstance(out["search"], dict):
         raise ConfigError("search: expected a mapping (a `raynas search` config)")
     for key in ("checkpoint", "run_dir"):
@@ -73,8 +77,20 @@ def validate_pipeline_config(cfg: dict[str, Any]) -> dict[str, Any]:
     search["latency"]["lut"] = str(out["profile"]["lut"] or run_dir / "lut.parquet")
     if out["train"] is not None:
         search.setdefault("data", out["train"]["data"])
-    out["search"] = validate_search_config(search)
+    out["search"] = _as_section("search", validate_search_config, search)
     return out
+
+
+def _as_section(name: str, validate, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run a stage's validator, naming a bad field by its place in the pipeline config (`train.epochs`)."""
+    try:
+        return validate(cfg)
+    except ConfigError as exc:
+        msg = str(exc)
+        if msg.startswith("config.") or msg.startswith("config:"):  # the stage config's own top level
+            msg = msg[len("config"):].lstrip(".")
+            raise ConfigError(f"{name}{'' if msg.startswith(':') else '.'}{msg}") from None
+        raise ConfigError(f"{name}.{msg}") from None
 
 
 def profile_device(supernet, device: str, lut: Path, calibration_n: int, devices_file: str | None,
@@ -113,7 +129,8 @@ def run_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    init_local_ray(devices=[cfg["profile"]["device"]])
+    # Ray Train workers report progress on their stdout: forward it, so a long pipeline shows its epochs.
+    init_local_ray(devices=[cfg["profile"]["device"]], log_to_driver=True)
 
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg["checkpoint"]:

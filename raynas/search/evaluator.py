@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -68,7 +69,7 @@ def make_evaluator_pool(checkpoint_path: str, config: EvaluatorConfig, actor_cls
     """An `ActorPool` of evaluator actors; the checkpoint travels once through the object store."""
     from raynas.search.pool import ActorPool
 
-    checkpoint_ref = ray.put(open(checkpoint_path, "rb").read())
+    checkpoint_ref = ray.put(Path(checkpoint_path).read_bytes())
     use_gpu = config.device.startswith("cuda")
     remote_cls = ray.remote(num_cpus=config.threads, num_gpus=1 if use_gpu else 0, max_restarts=0)(actor_cls)
 

@@ -78,13 +78,13 @@ class AccuracyPredictor:
                 rho = -np.inf if np.isnan(rho) else rho
             else:
                 rho = 0.0
-            if rho > best_rho:
+            if best is None or rho > best_rho:  # rho is -inf when undefined (e.g. tied accuracies)
                 best, best_rho = net, rho
         # The chosen architecture is refitted on all data: the held-out split only chose it.
         channels = dict(zip((16, 32, 64), range(3)))
         chosen_channels = best.conv[0].out_channels
         self.net = self._train_one(x, y, seed=self.seed * 100 + channels[chosen_channels], channels=chosen_channels)
-        self.spearman = float(best_rho) if n_val else float("nan")
+        self.spearman = float(best_rho) if n_val and np.isfinite(best_rho) else float("nan")
         return self
 
     @torch.no_grad()

@@ -1,1 +1,1 @@
-"""raynas.tune"""
+"""Ray Tune sweeps (OptunaSearch + ASHA) over training settings; see raynas.tune.sweep."""

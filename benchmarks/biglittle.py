@@ -1,0 +1,298 @@
+"""Big/little dynamic inference on `digits` (seed 002's critical baseline): co-trained pairs vs an
+independently trained cascade of the same two architectures, at matched E[MACs].
+
+    python benchmarks/biglittle.py [--epochs 10] [--couplings nested,sibling] [--out runs/bench_biglittle]
+
+1. Co-train a big/little supernet per coupling (strategy `biglittle`: CE(big) + a CE(little)
+   + b KD(little <- big, T) + g L_router with sandwich pairs and a learned router) through Ray Train.
+2. Train the same big (the space's largest subnet) and the same little (its smallest) alone (strategy
+   `single-arch`) with the same epochs, optimizer and data: the independently trained cascade.
+3. On the validation split (BN recalibrated per model), sweep tau for each co-trained pair under the
+   confidence cascade, the learned router and the difficulty router (both fitted to the pair on the
+   training images), and for the independent cascade (confidence); plus always-big, always-little,
+   random routing (ratio swept) and oracle routing. E[MACs] = p MACs(little) + (1 - p) MACs(big)
+   (seed 002); E[latency] from a flops latency model calibrated on this CPU.
+4. Export the first coupling's pair as a confidence cascade to ONNX and run it per input in onnxruntime.
+Prints the figures and writes results.json and biglittle.png.
+
+To fit ~10 minutes on a shared 2-core CPU the space is pipelines/configs/biglittle_space_digits.yaml
+(the mbv3-biglittle family with a tiny channel table) with depth {1, 2}, kernel {3, 5}, expansion {1, 2, 4}
+(`--expand-choices 2,4` drops expansion 1, whose no-expansion-conv blocks share the depthwise weights in
+another role and interfere with weight sharing; see the note printed with the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raynas.biglittle.costs import PairCostModel, PieceLatency, calibrated_proxy_latency  # noqa: E402
+from raynas.biglittle.coupling import CoupledSupernet, load_coupled  # noqa: E402
+from raynas.biglittle.deploy import export_pair, run_routed  # noqa: E402
+from raynas.biglittle.evaluate import eval_data, fit_router, predict_pair  # noqa: E402
+from raynas.biglittle.metrics import (  # noqa: E402
+    PairPredictions,
+    accuracy_at_cost,
+    baseline_decisions,
+    default_taus,
+    routing_metrics,
+    tau_curve,
+)
+from raynas.biglittle.routers import ConfidenceRouter, DifficultyRouter  # noqa: E402
+from raynas.data import build_dataset  # noqa: E402
+from raynas.supernets.checkpoint import load_supernet  # noqa: E402
+from raynas.train.bn import recalibrate_bn  # noqa: E402
+
+DATA = {"name": "digits"}
+
+
+def log(msg: str) -> None:
+    print(f"[biglittle bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def bench_space(out: Path, expand_choices: list[int]) -> Path:
+    cfg = yaml.safe_load((ROOT / "pipelines/configs/biglittle_space_digits.yaml").read_text())
+    cfg.update(name="mbv3-biglittle-digits-bench", depth_choices=[1, 2], kernel_choices=[3, 5],
+               expand_choices=expand_choices)
+    path = out / "space.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def train_run(base: dict, name: str, strategy: dict, storage: Path) -> Path:
+    from raynas.train.trainer import train
+
+    cfg = copy.deepcopy(base)
+    cfg.update(name=name, storage_path=str(storage), strategy=strategy)
+    started = time.time()
+    result = train(cfg, quiet=True)
+    log(f"trained {name} in {time.time() - started:.0f}s")
+    return result.supernet_path
+
+
+@torch.no_grad()
+def independent_logits(path: Path, arch_name: str, data) -> np.ndarray:
+    net = load_supernet(path)
+    arch = net.space.max_arch() if arch_name == "max" else net.space.min_arch()
+    recalibrate_bn(net, arch, data.bn_loader, data.bn_samples)
+    return torch.cat([net(x, arch) for x, _ in data.val_loader]).numpy()
+
+
+def random_curve(pred: PairPredictions, costs, ratios, seeds: int = 5) -> list[dict]:
+    rows = []
+    for p in ratios:
+        runs = [routing_metrics(pred.little_correct, pred.big_correct,
+                                baseline_decisions("random", pred, p, np.random.default_rng(s))) for s in range(seeds)]
+        rows.append({"p": float(p), "accuracy": float(np.mean([r["accuracy"] for r in runs])),
+                     "routing_ratio": float(np.mean([r["routing_ratio"] for r in runs]))})
+        rows[-1].update(costs.summary(rows[-1]["routing_ratio"]))
+    return rows
+
+
+def fixed(pred: PairPredictions, name: str, costs) -> dict:
+    d = baseline_decisions(name, pred)
+    return routing_metrics(pred.little_correct, pred.big_correct, d, pred.little_probs, pred.labels, costs)
+
+
+ROUTER_STYLE = {"confidence": "-", "learned router": "--", "difficulty router": ":"}
+COUPLING_COLOR = {"nested": "C0", "sibling": "C2", "partial": "C4"}
+
+
+def plot(curves: dict, points: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+    for name, rows in curves.items():
+        if name.startswith("independent"):
+            color, ls, lw = "C1", "-", 2.2
+        elif "random" in name:
+            color, ls, lw = "grey", "-.", 1.0
+        else:
+            coupling, router = name.split(" co-trained + ")
+            color, ls, lw = COUPLING_COLOR.get(coupling, "k"), ROUTER_STYLE.get(router, "-"), 1.5
+        pts = sorted((r["e_macs"] / 1e3, 100 * r["accuracy"]) for r in rows)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=ls, color=color, lw=lw, label=name)
+    markers = {"always-big": "s", "always-little": "v", "oracle": "*"}
+    for who, by_name in points.items():
+        color = "C1" if who == "independent" else COUPLING_COLOR.get(who, "k")
+        for name, m in by_name.items():
+            ax.scatter(m["e_macs"] / 1e3, 100 * m["accuracy"], marker=markers[name], color=color, s=55, zorder=3,
+                       label=f"{who} {name}" if name != "always-little" else None)
+    ax.set_xlabel("E[MACs] = p MACs(little) + (1-p) MACs(big)   (thousands)")
+    ax.set_ylabel("routed top-1 accuracy, digits val (%)")
+    ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
+    ax.set_title("big/little on digits: co-trained pairs vs independently trained cascade", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def evaluate_coupled(path: Path, data, train_loader, latency) -> dict:
+    """Curves of one co-trained coupled pair (extreme pair) under each router, and its fixed points."""
+    model = load_coupled(path)
+    pair = model.pair_space.extreme_pair()  # big = the space's largest subnet, little = its smallest
+    out: dict = {"coupling": model.coupling, "router_fit": {}}
+    learned = model.router
+    preds, costs = {}, {}
+    for name, router in (("learned router", learned), ("difficulty router", DifficultyRouter())):
+        model.router = router
+        out["router_fit"][name] = fit_router(model, pair, data, train_loader, epochs=60)
+        preds[name] = predict_pair(model, pair, data)
+        costs[name] = PairCostModel(model, latency).costs(pair)
+    model.router = ConfidenceRouter()
+    preds["confidence"] = dataclasses.replace(preds["learned router"], router_score=None)  # little's max softmax
+    costs["confidence"] = PairCostModel(model, latency).costs(pair)
+    out["curves"] = {r: tau_curve(preds[r], default_taus(preds[r], 25), costs[r]) for r in preds}
+    out["random"] = random_curve(preds["confidence"], costs["confidence"], np.linspace(0, 1, 11))
+    out["points"] = {n: fixed(preds["confidence"], n, costs["confidence"])
+                     for n in ("always-big", "always-little", "oracle")}
+    out["model"], out["pair"], out["costs"] = model, pair, costs["confidence"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--couplings", default="nested,sibling", help="co-trained couplings to compare")
+    ap.add_argument("--out", default="runs/bench_biglittle", help="runs, results.json, biglittle.png, deploy/")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bn-samples", type=int, default=512)
+    ap.add_argument("--expand-choices", default="1,2,4",
+                    help="expansion choices of the benchmark space (1 = no expansion conv, as the seed allows)")
+    args = ap.parse_args(argv)
+    started = time.time()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    couplings = args.couplings.split(",")
+
+    from raynas.hw.devices import init_local_ray
+
+    init_local_ray(num_cpus=2)  # a fresh local Ray, never another session's cluster
+
+    base = yaml.safe_load((ROOT / "pipelines/configs/biglittle_digits.yaml").read_text())
+    expand_choices = [int(e) for e in args.expand_choices.split(",")]
+    base.update(space=str(bench_space(out, expand_choices)), epochs=args.epochs, seed=args.seed,
+                eval={"bn_samples": args.bn_samples, "num_random": 0, "every": 0})
+    storage = out / "runs"
+    timings, co_paths = {}, {}
+    for coupling in couplings:
+        t0 = time.time()
+        co_paths[coupling] = train_run(base, f"cotrained_{coupling}", {**base["strategy"], "coupling": coupling},
+                                       storage)
+        timings[f"cotrain_{coupling}_s"] = time.time() - t0
+    t0 = time.time()
+    big_path = train_run(base, "independent_big", {"name": "single-arch", "arch": "max"}, storage)
+    little_path = train_run(base, "independent_little", {"name": "single-arch", "arch": "min"}, storage)
+    timings["independent_s"] = time.time() - t0
+
+    log("evaluating")
+    space = load_supernet(big_path).space
+    data = eval_data(DATA, space.resolution, space.in_channels, args.bn_samples)
+    train_loader = DataLoader(build_dataset(DATA, "train", space.resolution, in_channels=space.in_channels,
+                                            augment=False), batch_size=256)
+    reference = CoupledSupernet(space, "nested", router="confidence").eval()  # standalone costs of the two archs
+    calib_archs = [space.min_arch(), space.max_arch()] + [space.sample(np.random.default_rng(i)) for i in range(4)]
+    latency = PieceLatency(calibrated_proxy_latency(reference.big_net, calib_archs))
+    costs_ind = PairCostModel(reference, latency).costs(reference.pair_space.extreme_pair())
+    labels = data.val_loader.dataset
+    pred_ind = PairPredictions(np.array([int(labels[i][1]) for i in range(len(labels))]),
+                               independent_logits(big_path, "max", data), independent_logits(little_path, "min", data))
+
+    curves = {"independent + confidence": tau_curve(pred_ind, default_taus(pred_ind, 25), costs_ind)}
+    points = {"independent": {n: fixed(pred_ind, n, costs_ind) for n in ("always-big", "always-little", "oracle")}}
+    evaluated = {}
+    for coupling in couplings:
+        ev = evaluated[coupling] = evaluate_coupled(co_paths[coupling], data, train_loader, latency)
+        for router, rows in ev["curves"].items():
+            curves[f"{coupling} co-trained + {router}"] = rows
+        points[coupling] = ev["points"]
+    curves[f"{couplings[0]} co-trained + random routing"] = evaluated[couplings[0]]["random"]
+
+    macs_l, macs_b = costs_ind.model("little"), costs_ind.model("big")
+    targets = [macs_l + f * (macs_b - macs_l) for f in (0.1, 0.25, 0.5, 0.75)]
+    matched = {name: accuracy_at_cost(rows, "e_macs", targets) for name, rows in curves.items()}
+
+    # deployment: the first coupling's pair as a confidence cascade, tau = best score on val (acc - 0.1 E/big)
+    first = evaluated[couplings[0]]
+    conf_rows = first["curves"]["confidence"]
+    best = max(conf_rows, key=lambda r: r["accuracy"] - 0.1 * r["e_macs"] / r["macs_big"])
+    deploy_dir = out / "deploy"
+    export_pair(first["model"], first["pair"], data, deploy_dir, best["tau"], latency=latency)
+    deployed = run_routed(deploy_dir, DATA)
+
+    results = {
+        "pair": {"big": dict(space.max_arch()), "little": dict(space.min_arch())},
+        "standalone": {"macs_little": macs_l, "macs_big": macs_b, "params_little": costs_ind.model("little", "params"),
+                       "params_big": costs_ind.model("big", "params"),
+                       "latency_little_ms": costs_ind.model("little", "latency_ms"),
+                       "latency_big_ms": costs_ind.model("big", "latency_ms")},
+        "coupled_costs": {c: {"macs_little": ev["costs"].model("little"), "macs_big": ev["costs"].model("big")}
+                          for c, ev in evaluated.items()},
+        "router_fit": {c: ev["router_fit"] for c, ev in evaluated.items()},
+        "points": points, "matched_e_macs": {"targets": targets, **matched}, "curves": curves,
+        "deployed": deployed, "timings_s": {**timings, "total": time.time() - started},
+        "epochs": args.epochs, "val_inputs": int(len(pred_ind.labels)),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    plot(curves, points, out / "biglittle.png")
+
+    # ---- printed figures ----
+    print(f"\nbig/little on digits ({len(pred_ind.labels)} val images), {args.epochs} epochs per run, 2-core CPU")
+    print(f"pair: big = largest subnet ({macs_b / 1e3:.1f}K MACs, {costs_ind.model('big', 'params') / 1e3:.1f}K "
+          f"params), little = smallest ({macs_l / 1e3:.1f}K MACs, {costs_ind.model('little', 'params') / 1e3:.1f}K "
+          "params)")
+    for c, ev in evaluated.items():
+        print(f"  {c}: MACs little {ev['costs'].model('little') / 1e3:.1f}K, big {ev['costs'].model('big') / 1e3:.1f}K "
+              f"(shared trunk: {ev['costs'].has_trunk})")
+    whos = ["independent", *couplings]
+    print(f"{'':16}" + "".join(f"{w:>14}" for w in whos))
+    for name in ("always-big", "always-little", "oracle"):
+        print(f"{name:16}" + "".join(f"{100 * points[w][name]['accuracy']:13.2f}%" for w in whos))
+    print(f"{'ECE little':16}" + "".join(f"{points[w]['always-little']['ece_little']:14.4f}" for w in whos))
+    print("\naccuracy (%) at matched E[MACs] (best point at or below the budget):")
+    print(f"{'E[MACs] budget':44}" + "".join(f"{t / 1e3:>10.1f}K" for t in targets))
+    for name, accs in matched.items():
+        print(f"{name:44}" + "".join(f"{100 * a:10.2f}%" if a == a else f"{'-':>11}" for a in accs))
+    print("\ncurves (tau: accuracy %, routing ratio, E[MACs] K, E[latency] ms deployed):")
+    for name, rows in curves.items():
+        if "random" in name:
+            continue
+        rows = rows[:: max(1, len(rows) // 6)]
+        print(f"  {name}: " + "; ".join(
+            f"{r['tau']:.3f}: {100 * r['accuracy']:.1f}, {r['routing_ratio']:.2f}, {r['e_macs'] / 1e3:.1f}, "
+            f"{r['e_latency_ms']:.3f}" for r in rows))
+    print(f"\ndeployed ({couplings[0]}, ONNX, confidence cascade, tau {deployed['tau']:.3f}): accuracy "
+          f"{100 * deployed['accuracy']:.2f}%, routing ratio {deployed['routing_ratio']:.2f}, latency per input "
+          f"mean {deployed['mean_latency_ms']:.3f} ms / median {deployed['latency_ms']['median']:.3f} ms "
+          f"(always-big mean/median {deployed['always_big']['mean_latency_ms']:.3f}/"
+          f"{deployed['always_big']['median_latency_ms']:.3f} ms, always-little "
+          f"{deployed['always_little']['mean_latency_ms']:.3f}/{deployed['always_little']['median_latency_ms']:.3f} "
+          "ms); predicted E[latency] "
+          f"{deployed['predicted_e_latency_ms']:.3f} ms ({deployed['predicted_by']}), from per-piece ONNX timings "
+          f"{deployed.get('piece_timed_e_latency_ms', float('nan')):.3f} ms")
+    print("\ntimings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+          + f", total {time.time() - started:.0f}s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""`raynas biglittle ...`: evaluate, search, export and run co-trained big/little pairs.
+
+  raynas train pipelines/configs/biglittle_digits.yaml            co-train (strategy 'biglittle')
+  raynas biglittle evaluate --checkpoint C --data digits           metrics and the tau curve of a pair
+  raynas biglittle search pipelines/configs/biglittle_search.yaml NSGA-II over pairs
+  raynas biglittle export --checkpoint C --out DIR --tau 0.8       ONNX big / little / router (+ trunk)
+  raynas biglittle run --models DIR --data digits                  routed pair per input in onnxruntime
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from raynas.errors import UserError
+
+
+def parse_data(text: str) -> dict[str, Any]:
+    """`--data`: a dataset name (digits, synthetic), a JSON object, or a YAML file with a data section."""
+    from raynas.config_utils import read_yaml
+    from raynas.data import validate_data_config
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--data: not valid JSON ({exc.msg})") from None
+    elif text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        cfg = read_yaml(text, "--data")
+        cfg = cfg.get("data", cfg)
+    else:
+        cfg = {"name": text}
+    return validate_data_config(cfg)
+
+
+def parse_pair(text: str | None, model) -> Any:
+    """`--pair`: 'extreme' (largest big, smallest little), a pair JSON object, a file holding one, or a
+    search run's front.parquet (`path.parquet[:i]`, the i-th front member, default the most accurate)."""
+    ps = model.pair_space
+    if text in (None, "extreme"):
+        return ps.extreme_pair()
+    if ".parquet" in text:
+        import pandas as pd
+
+        path, _, index = text.partition(".parquet")
+        front = pd.read_parquet(path + ".parquet")
+        if front.empty:
+            raise UserError(f"--pair: {path}.parquet holds no pairs")
+        row = front.iloc[int(index.lstrip(":"))] if index else front.sort_values("accuracy").iloc[-1]
+        return ps.validate(json.loads(row["arch"]))
+    source = Path(text).read_text() if not text.lstrip().startswith("{") and Path(text).is_file() else text
+    try:
+        return ps.validate(json.loads(source))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--pair: not valid JSON ({exc.msg})") from None
+
+
+def _model_and_data(args):
+    from raynas.biglittle.evaluate import eval_data
+    from raynas.biglittle.search import load_model
+
+    model = load_model(args.checkpoint, args.router)
+    data = eval_data(parse_data(args.data), model.space.resolution, model.space.in_channels, args.bn_samples)
+    return model, data
+
+
+def _fit_router_if_asked(args, model, pair, data) -> dict:
+    if not getattr(args, "fit_router", 0):
+        return {}
+    from torch.utils.data import DataLoader
+
+    from raynas.biglittle.evaluate import fit_router
+    from raynas.data import build_dataset
+
+    train = build_dataset(parse_data(args.data), "train", model.space.resolution,
+                          in_channels=model.space.in_channels, augment=False)
+    return fit_router(model, pair, data, DataLoader(train, batch_size=256), epochs=args.fit_router)
+
+
+def cmd_evaluate(args) -> None:
+    from raynas.biglittle.costs import PairCostModel
+    from raynas.biglittle.evaluate import predict_pair
+    from raynas.biglittle.metrics import default_taus, evaluate_routing, tau_curve
+
+    model, data = _model_and_data(args)
+    pair = parse_pair(args.pair, model)
+    fitted = _fit_router_if_asked(args, model, pair, data)
+    pred = predict_pair(model, pair, data)
+    costs = PairCostModel(model).costs(pair)
+    taus = [float(t) for t in args.taus.split(",")] if args.taus else default_taus(pred, 11)
+    print(json.dumps({"pair": pair.to_dict(), "coupling": model.coupling, "router": model.router.name,
+                      **fitted, "at_tau": evaluate_routing(pred, args.tau, costs),
+                      "curve": tau_curve(pred, taus, costs)}))
+
+
+def cmd_search(args) -> None:
+    from raynas.biglittle.search import run_pair_search
+    from raynas.config_utils import read_yaml
+
+    cfg = read_yaml(args.config)
+    if args.checkpoint:
+        cfg["checkpoint"] = args.checkpoint
+    if args.run_dir:
+        cfg["run_dir"] = args.run_dir
+    print(json.dumps(run_pair_search(cfg, resume=args.resume)))
+
+
+def cmd_export(args) -> None:
+    from raynas.biglittle.deploy import export_pair
+
+    model, data = _model_and_data(args)
+    pair = parse_pair(args.pair, model)
+    fitted = _fit_router_if_asked(args, model, pair, data)
+    latency = None
+    if args.lut:
+        from raynas.biglittle.costs import PieceLatency
+        from raynas.hw.latency import load_latency_model
+
+        latency = PieceLatency(load_latency_model(args.latency_model, args.lut, supernet=model.big_net,
+                                                  device=args.device))
+    manifest = export_pair(model, pair, data, args.out, args.tau, latency=latency,
+                           measure_device=None if args.no_measure else args.device)
+    print(json.dumps({"out": args.out, "files": manifest["files"], **fitted, "validation": manifest["validation"],
+                      "piece_ms": manifest["piece_ms"]}))
+
+
+def cmd_run(args) -> None:
+    from raynas.biglittle.deploy import run_routed
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit: expected a positive integer, got {args.limit}")
+    if args.tau is not None and not 0 <= args.tau <= 1:
+        raise UserError(f"--tau: expected a number in [0, 1], got {args.tau}")
+    print(json.dumps(run_routed(args.models, parse_data(args.data), split=args.split, limit=args.limit,
+                                threads=args.threads, tau=args.tau, references=not args.no_references)))
+
+
+def _checkpoint_args(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="supernet.pt of a run trained with strategy 'biglittle'")
+    p.add_argument("--data", default="digits", help="dataset name, JSON object or YAML with a data section")
+    p.add_argument("--pair", default="extreme",
+                   help="'extreme', pair JSON (or a file), or a search's front.parquet[:i]")
+    p.add_argument("--tau", type=float, default=0.8, help="routing threshold: little iff score >= tau")
+    p.add_argument("--router", default="checkpoint", choices=["checkpoint", "confidence"],
+                   help="the co-trained router, or the confidence cascade in its place")
+    p.add_argument("--bn-samples", type=int, default=512, dest="bn_samples")
+    p.add_argument("--fit-router", type=int, default=0, metavar="EPOCHS", dest="fit_router",
+                   help="first fit the pre-router to this pair on the training images (supernet frozen)")
+
+
+def register(subparsers) -> None:
+    bl = subparsers.add_parser("biglittle", help="co-trained big/little pairs: evaluate, search, export, run")
+    sub = bl.add_subparsers(dest="biglittle_command", required=True)
+
+    p = sub.add_parser("evaluate", help="routing metrics of one pair and its accuracy-vs-E[cost] curve over tau")
+    _checkpoint_args(p)
+    p.add_argument("--taus", help="comma-separated thresholds (default: quantiles of the router scores)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("search", help="NSGA-II over (big, little[, split]) pairs on Ray actors")
+    p.add_argument("config", help="pair-search YAML (see pipelines/configs/biglittle_search.yaml)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--checkpoint")
+    p.add_argument("--run-dir", dest="run_dir")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="export trunk / little / big / router as verified ONNX + manifest")
+    _checkpoint_args(p)
+    p.add_argument("--out", required=True, help="directory for the ONNX files and manifest.json")
+    p.add_argument("--lut", help="latency LUT (raynas profile) to predict piece latencies")
+    p.add_argument("--latency-model", default="lut", dest="latency_model", choices=["lut", "linear", "flops", "params"])
+    p.add_argument("--device", default="local-cpu", help="device whose protocol times the pieces")
+    p.add_argument("--no-measure", action="store_true", dest="no_measure", help="skip timing the pieces")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="run an exported pair per input in onnxruntime: accuracy and latency")
+    p.add_argument("--models", required=True, help="directory written by `raynas biglittle export`")
+    p.add_argument("--data", default="digits", help="dataset name, JSON object or YAML with a data section")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--limit", type=int, help="first N inputs only")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--tau", type=float, help="override the exported threshold")
+    p.add_argument("--no-references", action="store_true", dest="no_references",
+                   help="skip timing always-little / always-big on the same inputs")
+    p.set_defaults(func=cmd_run)

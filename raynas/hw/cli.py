@@ -1,0 +1,259 @@
+"""`raynas profile devices|lut|calibrate|validate`: measure devices of the Ray cluster, build and check LUTs.
+
+Machine-readable JSON goes to stdout (one object; one per line when several devices are given), progress
+to stderr. Without `--address` / `RAY_ADDRESS`, a local Ray is started whose node advertises `local-cpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from raynas.errors import UserError
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {value}")
+        return value
+    return parse
+
+
+def _common(p: argparse.ArgumentParser, lut_required: bool) -> None:
+    p.add_argument("--space", required=True, help="built-in space name or a space YAML file")
+    p.add_argument("--device", default="local-cpu",
+                   help="declared device name (cluster/devices.yaml); several comma-separated run in parallel")
+    if lut_required:
+        p.add_argument("--lut", required=True, help="the LUT Parquet file built by `raynas profile lut`")
+    p.add_argument("--resolution", type=_positive("--resolution"), help="input resolution (default: the space's)")
+    p.add_argument("--num-classes", type=_positive("--num-classes"))
+    p.add_argument("--checkpoint", help="supernet checkpoint (weights barely change latency; optional)")
+    p.add_argument("--devices-file", help="devices YAML (default: $RAYNAS_DEVICES or cluster/devices.yaml)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    profile = subparsers.add_parser("profile", help="latency on devices: lookup tables, calibration, validation")
+    sub = profile.add_subparsers(dest="profile_command", required=True)
+
+    p = sub.add_parser("devices", help="declared devices and which ones the Ray cluster has")
+    p.add_argument("--devices-file")
+    p.add_argument("--address")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("lut", help="measure every distinct block of a space on a device (per-block LUT)")
+    _common(p, lut_required=False)
+    p.add_argument("--out", required=True, help="LUT Parquet file; existing rows of the same table are reused")
+    p.add_argument("--max-archs", type=_positive("--max-archs"), default=3000,
+                   help="most subnets scanned for distinct blocks")
+    p.add_argument("--patience", type=_positive("--patience"), default=300,
+                   help="stop scanning after this many subnets in a row bring no new block")
+    p.add_argument("--passes", type=_positive("--passes"), default=1,
+                   help="measure every block this many times in shuffled orders, keep the median pass "
+                        "(steadier on a busy host)")
+    p.add_argument("--force", action="store_true", help="measure every block again")
+    p.set_defaults(func=cmd_lut)
+
+    p = sub.add_parser("calibrate", help="fit kappa*sum(LUT)+epsilon (and the other models) on n measured subnets")
+    _common(p, lut_required=True)
+    p.add_argument("-n", type=_positive("-n"), default=10, help="end-to-end measured subnets (default 10)")
+    p.add_argument("--out", help="calibration JSON (default: next to the LUT, <lut>.calibration.json)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("validate", help="accuracy of every latency model on n held-out measured subnets")
+    _common(p, lut_required=True)
+    p.add_argument("-n", type=_positive("-n"), default=100, help="held-out subnets (default 100)")
+    p.add_argument("--calibration", help="calibration JSON (default: <lut>.calibration.json; made if absent)")
+    p.add_argument("--calibration-n", type=_positive("--calibration-n"), default=10,
+                   help="subnets measured to calibrate when no calibration exists yet (default 10)")
+    p.add_argument("--save", help="write one row per held-out subnet (measured vs predicted) to this Parquet")
+    p.add_argument("--json", action="store_true", help="print the JSON summary only")
+    p.set_defaults(func=cmd_validate)
+
+
+# ---- shared plumbing ---------------------------------------------------------------------------------
+def _devices(args) -> list:
+    from raynas.hw.devices import get_device
+
+    names = [n.strip() for n in args.device.split(",") if n.strip()]
+    if not names:
+        raise UserError("--device: expected a device name, e.g. local-cpu")
+    return [get_device(n, args.devices_file) for n in names]
+
+
+def _supernet(args):
+    from raynas.space import load_space
+    from raynas.supernets import build_supernet
+
+    num_classes = args.num_classes
+    if args.checkpoint:
+        from raynas.supernets.checkpoint import read_checkpoint
+
+        num_classes = read_checkpoint(args.checkpoint)["num_classes"]
+    space = load_space(args.space, resolution=args.resolution, num_classes=num_classes)
+    if space.resolution < 8:
+        raise UserError(f"--resolution: must be an integer >= 8, got {space.resolution}")
+    supernet = build_supernet(space)
+    if args.checkpoint:
+        from raynas.supernets.checkpoint import load_supernet_weights
+
+        load_supernet_weights(supernet, args.checkpoint)
+    return supernet.eval()
+
+
+@contextmanager
+def _ray(args):
+    import ray
+
+    from raynas.hw.devices import init_local_ray
+
+    started = init_local_ray(address=args.address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextmanager
+def _profilers(devices):
+    from raynas.hw.remote import start_profiler
+
+    started = []
+    try:
+        for d in devices:
+            started.append(start_profiler(d))
+        yield started
+    finally:
+        for p in started:
+            p.stop()
+
+
+def _emit(objects: list[dict]) -> None:
+    for obj in objects:
+        print(json.dumps(obj))
+
+
+def _group(lut: str, supernet, device):
+    from raynas.hw.lut import TableKey, load_group
+
+    if not Path(lut).is_file():
+        raise UserError(f"--lut: file {lut} does not exist; build it with `raynas profile lut --out {lut}`")
+    return load_group(lut, TableKey.of(supernet, device))
+
+
+# ---- commands ----------------------------------------------------------------------------------------------
+def cmd_devices(args) -> None:
+    from raynas.hw.devices import devices_present, load_devices
+
+    declared = load_devices(args.devices_file)
+    with _ray(args):
+        present = devices_present()
+    rows = [{**spec.to_dict(), "present": name in present} for name, spec in declared.items()]
+    rows += [{"name": n, "resource": f"device:{n}", "declared": False, "present": True}
+             for n in present if n not in declared]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        print(f"{r['name']:<20} runtime={r.get('runtime', '?'):<9} threads={r.get('threads', '?'):<3} "
+              f"present={'yes' if r['present'] else 'no'}")
+
+
+def cmd_lut(args) -> None:
+    from raynas.hw.lut import build_lut, read_lut, write_lut
+
+    devices = _devices(args)
+    supernet = _supernet(args)
+    existing, existing_meta = (None, None) if args.force else read_lut(args.out)
+    with _ray(args), _profilers(devices) as profilers:
+        rows, meta = build_lut(supernet, profilers, existing, existing_meta, seed=args.seed,
+                               max_archs=args.max_archs, patience=args.patience, passes=args.passes,
+                               show_progress=not args.quiet)
+        write_lut(args.out, rows, meta)
+        nodes = {p.device.name: p.node for p in profilers}
+    out = []
+    for info in meta.values():
+        node = nodes[info["device"]]
+        out.append({**{k: info[k] for k in ("space", "device", "runtime", "resolution", "num_classes", "blocks",
+                                             "measured", "reused", "archs_scanned")},
+                    "lut_build_s": info["build_s"], "out": str(args.out), "node_id": node["node_id"],
+                    "hostname": node["hostname"]})
+    _emit(out)
+
+
+def cmd_calibrate(args) -> None:
+    from raynas.hw.latency import calibration_path, save_calibration
+    from raynas.hw.lut import TableKey
+    from raynas.hw.profiling import calibrate_many
+
+    devices = _devices(args)
+    supernet = _supernet(args)
+    tables = {d.name: _group(args.lut, supernet, d)[0] for d in devices}
+    out_path = Path(args.out) if args.out else calibration_path(args.lut)
+    with _ray(args), _profilers(devices) as profilers:
+        records = calibrate_many(supernet, tables, profilers, args.n, args.seed, show_progress=not args.quiet)
+    out = []
+    for d in devices:
+        key, record = TableKey.of(supernet, d), records[d.name]
+        save_calibration(out_path, key, record)
+        lut = record["models"]["lut"]["calibration"]
+        out.append({"space": key.space, "device": key.device, "runtime": key.runtime, "resolution": key.resolution,
+                    "num_classes": key.num_classes, "n": record["n"], "kappa": lut["slope"],
+                    "epsilon": lut["intercept"], "calibration": str(out_path),
+                    "models": {k: {**v["calibration"], "fit": v["fit"]} for k, v in record["models"].items()},
+                    "measured_ms": record["measured_ms"], "hostname": record["hostname"]})
+    _emit(out)
+
+
+def cmd_validate(args) -> None:
+    from raynas.hw.latency import calibration_path, load_calibration, save_calibration
+    from raynas.hw.lut import TableKey
+    from raynas.hw.profiling import calibrate_many, validate_many
+
+    devices = _devices(args)
+    supernet = _supernet(args)
+    groups = {d.name: _group(args.lut, supernet, d) for d in devices}
+    tables = {name: g[0] for name, g in groups.items()}
+    build_s = {name: g[1].get("build_s") for name, g in groups.items()}
+    calib_path = Path(args.calibration) if args.calibration else calibration_path(args.lut)
+    keys = {d.name: TableKey.of(supernet, d) for d in devices}
+    calibrations = {name: load_calibration(calib_path, key) for name, key in keys.items()}
+    with _ray(args), _profilers(devices) as profilers:
+        missing = [p for p in profilers if calibrations[p.device.name] is None]
+        if missing:
+            print(f"raynas: no calibration in {calib_path} for {[p.device.name for p in missing]}; "
+                  f"measuring {args.calibration_n} subnets to make one", file=sys.stderr)
+            made = calibrate_many(supernet, tables, missing, args.calibration_n, args.seed,
+                                  show_progress=not args.quiet)
+            for name, record in made.items():
+                save_calibration(calib_path, keys[name], record)
+                calibrations[name] = record
+        results = validate_many(supernet, tables, calibrations, profilers, args.n, args.seed, build_s,
+                                show_progress=not args.quiet)
+    if args.save:
+        import pandas as pd
+
+        frames = [rows.assign(device=name) for name, (_, rows) in results.items()]
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(frames, ignore_index=True).to_parquet(args.save, index=False)
+    summaries = [results[d.name][0] for d in devices]
+    if args.json:
+        _emit(summaries)
+        return
+    for s in summaries:
+        print(f"{s['space']} on {s['device']} ({s['runtime']}), {s['n']} held-out subnets, "
+              f"calibrated on {s['calibration_n']}, LUT build {s['lut_build_s']} s")
+        for kind, m in s["models"].items():
+            print(f"  {kind:<7} spearman={m['spearman']}  mape={m['mape']}%  within10={m['within10']}")

@@ -1,0 +1,271 @@
+"""Devices that profiling targets: the declaration file, and how they appear in a Ray cluster.
+
+A device is a node of the Ray cluster that advertises the custom resource `device:<name>` (one unit,
+so measurements on a device are serialised). `cluster/devices.yaml` says how to measure on each device:
+onnxruntime execution provider, intra-op threads, batch size and the timing protocol. The built-in
+`local-cpu` device is this machine with onnxruntime's CPU provider; `init_local_ray` advertises it
+when raynas starts Ray by itself.
+
+This module imports neither torch nor the supernets: an edge board only needs ray, onnxruntime and yaml.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raynas.errors import ConfigError, UserError
+
+RESOURCE_PREFIX = "device:"
+DEFAULT_DEVICE = "local-cpu"
+MIN_RUNS = 50  # the measurement protocol of the project: never fewer timed runs than this
+CLOCKS = ("wall", "thread")
+
+# runtime name in devices.yaml -> onnxruntime execution providers, preferred first. The first one must be
+# available on the device node: silently falling back to CPU would measure the wrong hardware.
+RUNTIME_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    "openvino": ("OpenVINOExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+class DeviceNotPresent(UserError):
+    """No node of the Ray cluster advertises the requested device."""
+
+
+@dataclass(frozen=True)
+class MeasurementProtocol:
+    """How one model is timed: time-based warm-up, then `runs` timed calls; median and IQR are kept.
+
+    A series whose IQR/median exceeds `max_rel_iqr` (a noisy moment on the machine) is measured again,
+    up to `repeats` series in total, and the steadiest series (lowest IQR/median) is the result.
+
+    `clock`: "wall" (elapsed time, what a dedicated device shows) or "thread" (CPU time of the calling
+    thread). With onnxruntime's CPU provider and one intra-op thread the whole inference runs on the
+    calling thread, so its CPU time is the latency the model would have on this CPU alone, without the
+    time other processes of a shared host steal (a 2-core host at load 14 inflates wall medians 3-4x
+    and their IQR to ~100%, while thread time stays within a few %). Only valid for that setting.
+    """
+
+    warmup_s: float = 0.2
+    min_warmup_runs: int = 3
+    runs: int = 50
+    repeats: int = 3
+    max_rel_iqr: float = 0.1
+    clock: str = "wall"
+
+    def validate(self, where: str = "protocol") -> MeasurementProtocol:
+        if not (isinstance(self.warmup_s, (int, float)) and 0 <= self.warmup_s <= 60):
+            raise ConfigError(f"{where}.warmup_s: expected seconds in [0, 60], got {self.warmup_s!r}")
+        if not (_is_int(self.min_warmup_runs) and self.min_warmup_runs >= 0):
+            raise ConfigError(f"{where}.min_warmup_runs: expected an integer >= 0, got {self.min_warmup_runs!r}")
+        if not (_is_int(self.runs) and self.runs >= MIN_RUNS):
+            raise ConfigError(f"{where}.runs: expected an integer >= {MIN_RUNS}, got {self.runs!r}")
+        if not (_is_int(self.repeats) and 1 <= self.repeats <= 10):
+            raise ConfigError(f"{where}.repeats: expected an integer in [1, 10], got {self.repeats!r}")
+        if not (isinstance(self.max_rel_iqr, (int, float)) and self.max_rel_iqr > 0):
+            raise ConfigError(f"{where}.max_rel_iqr: expected a number > 0, got {self.max_rel_iqr!r}")
+        if self.clock not in CLOCKS:
+            raise ConfigError(f"{where}.clock: unknown {self.clock!r}; allowed: {list(CLOCKS)}")
+        return self
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One declared device. `resource` is the Ray custom resource its node advertises."""
+
+    name: str
+    runtime: str = "cpu"
+    threads: int = 1
+    batch_size: int = 1
+    description: str = ""
+    protocol: MeasurementProtocol = field(default_factory=MeasurementProtocol)
+
+    @property
+    def resource(self) -> str:
+        return device_resource(self.name)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(RUNTIME_PROVIDERS[self.runtime])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["resource"] = self.resource
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DeviceSpec:
+        d = {k: v for k, v in d.items() if k != "resource"}
+        protocol = MeasurementProtocol(**d.pop("protocol", {}))
+        return cls(**d, protocol=protocol)
+
+
+LOCAL_CPU = DeviceSpec(DEFAULT_DEVICE, description="this machine, onnxruntime CPU execution provider",
+                       protocol=MeasurementProtocol(clock="thread"))
+
+DEVICE_KEYS = ("resource", "runtime", "threads", "batch_size", "description", "protocol")
+PROTOCOL_KEYS = tuple(MeasurementProtocol.__dataclass_fields__)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def device_resource(name: str) -> str:
+    return f"{RESOURCE_PREFIX}{name}"
+
+
+def default_devices_file() -> Path | None:
+    """`$RAYNAS_DEVICES`, else `cluster/devices.yaml` of the checkout (or of the working directory)."""
+    env = os.environ.get("RAYNAS_DEVICES")
+    if env:
+        return Path(env)
+    for candidate in (Path.cwd() / "cluster" / "devices.yaml",
+                      Path(__file__).resolve().parents[2] / "cluster" / "devices.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _check_keys(cfg: Mapping, allowed: Iterable[str], where: str) -> None:
+    allowed = list(allowed)
+    for key in cfg:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown field '{key}'; allowed: {allowed}")
+
+
+def _protocol(cfg: Any, base: MeasurementProtocol, where: str) -> MeasurementProtocol:
+    if cfg is None:
+        return base
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with fields {list(PROTOCOL_KEYS)}")
+    _check_keys(cfg, PROTOCOL_KEYS, where)
+    return replace(base, **cfg).validate(where)
+
+
+def parse_devices(cfg: Any, source: str = "devices.yaml") -> dict[str, DeviceSpec]:
+    """Validate a parsed devices file: `{protocol: {...defaults}, devices: {name: {...}}}`."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"{source}: expected a mapping with fields ['protocol', 'devices']")
+    _check_keys(cfg, ("protocol", "devices"), source)
+    base = _protocol(cfg.get("protocol"), MeasurementProtocol(), f"{source}: protocol")
+    declared = cfg.get("devices")
+    if not isinstance(declared, Mapping) or not declared:
+        raise ConfigError(f"{source}: devices: expected a non-empty mapping of device name -> settings")
+    devices = {}
+    for name, spec in declared.items():
+        where = f"{source}: devices.{name}"
+        if not isinstance(name, str) or not name or any(c in name for c in " :,{}\"'"):
+            raise ConfigError(f"{where}: device names are non-empty strings without spaces, ':' or quotes")
+        spec = spec or {}
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with fields {list(DEVICE_KEYS)}")
+        _check_keys(spec, DEVICE_KEYS, where)
+        if "resource" in spec and spec["resource"] != device_resource(name):
+            raise ConfigError(f"{where}.resource: must be '{device_resource(name)}', got {spec['resource']!r}")
+        runtime = spec.get("runtime", "cpu")
+        if runtime not in RUNTIME_PROVIDERS:
+            raise ConfigError(f"{where}.runtime: unknown {runtime!r}; allowed: {list(RUNTIME_PROVIDERS)}")
+        for key in ("threads", "batch_size"):
+            value = spec.get(key, 1)
+            if not (_is_int(value) and value >= 1):
+                raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
+        device = DeviceSpec(
+            name=name, runtime=runtime, threads=spec.get("threads", 1), batch_size=spec.get("batch_size", 1),
+            description=str(spec.get("description", "")),
+            protocol=_protocol(spec.get("protocol"), base, f"{where}.protocol"),
+        )
+        if device.protocol.clock == "thread" and (device.runtime != "cpu" or device.threads != 1):
+            raise ConfigError(f"{where}.protocol.clock: 'thread' measures only runtime 'cpu' with threads 1 "
+                              f"(got runtime {device.runtime!r}, threads {device.threads}); use 'wall'")
+        devices[name] = device
+    return devices
+
+
+def load_devices(path: str | Path | None = None) -> dict[str, DeviceSpec]:
+    """The declared devices; `local-cpu` is always there (declared or built in)."""
+    path = Path(path) if path else default_devices_file()
+    devices: dict[str, DeviceSpec] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"devices file {path}: does not exist")
+        try:
+            cfg = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            raise ConfigError(f"devices file {path}: malformed YAML") from None
+        devices = parse_devices(cfg, str(path))
+    devices.setdefault(DEFAULT_DEVICE, LOCAL_CPU)
+    return devices
+
+
+def get_device(name: str, path: str | Path | None = None) -> DeviceSpec:
+    devices = load_devices(path)
+    if name not in devices:
+        raise ConfigError(f"--device: unknown '{name}'; declared devices: {sorted(devices)}")
+    return devices[name]
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+def devices_present() -> dict[str, float]:
+    """Devices advertised by the alive nodes of the connected Ray cluster: name -> units."""
+    import ray
+
+    return {k[len(RESOURCE_PREFIX):]: v for k, v in sorted(ray.cluster_resources().items())
+            if k.startswith(RESOURCE_PREFIX)}
+
+
+def ensure_device_present(name: str, wait_s: float = 2.0) -> None:
+    """Fail fast (never hang on an unschedulable task) when no node advertises `device:<name>`.
+
+    Waits up to `wait_s` because a node that has just joined takes a moment to show its resources.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        present = devices_present()
+        if name in present:
+            return
+        if time.monotonic() >= deadline:
+            raise DeviceNotPresent(
+                f"device '{name}': no node of the Ray cluster advertises resource '{device_resource(name)}'; "
+                f"devices present: {sorted(present) or 'none'} (join one with "
+                f"cluster/join_edge_worker.sh HEAD_ADDRESS {name})")
+        time.sleep(0.2)
+
+
+def init_local_ray(devices: Iterable[str] = (DEFAULT_DEVICE,), address: str | None = None,
+                   num_cpus: int | None = None, **kwargs: Any) -> bool:
+    """Connect to the Ray cluster raynas should use; returns True when this call started Ray.
+
+    * already initialised: left alone.
+    * `address` given or `RAY_ADDRESS` set (e.g. under `ray job submit`): connect; the nodes already
+      advertise their devices (`ray start --resources='{"device:NAME": 1}'`).
+    * otherwise: start a fresh local Ray (address="local", never some other session's cluster) whose
+      node advertises `device:<d>` for each of `devices` (the local machine, normally `local-cpu`).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs.setdefault("include_dashboard", False)
+    kwargs.setdefault("log_to_driver", False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            raise UserError(
+                f"--address {address or os.environ['RAY_ADDRESS']}: cannot connect to the Ray cluster ({exc}); "
+                "is it running? With token authentication set RAY_AUTH_MODE=token and the head's token "
+                "(RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
+        return True
+    resources = {device_resource(d): 1 for d in devices}
+    ray.init(address="local", num_cpus=num_cpus, resources=resources, **kwargs)
+    return True

@@ -1,0 +1,314 @@
+"""Latency models: predict a subnet's latency (ms) on one device without running it.
+
+Every model computes a raw score of the arch and maps it to milliseconds with an affine calibration
+fitted on a few measured end-to-end subnets (seed 004 §3: latency ~ kappa * raw + epsilon):
+
+  * `lut`    raw = sum of the per-block lookup table over the subnet's blocks (seed 004).
+  * `linear` raw = sum over blocks of seed 001's eq. 6, L(m) = sum_i l_i o_i(m) + sum_j t_j d_j(m),
+             with non-negative coefficients fitted on the measured blocks of the LUT.
+  * `flops`  raw = MACs (from `supernet.cost`), a hardware-agnostic proxy.
+  * `params` raw = parameter count, the other proxy.
+
+Search uses them through `LatencyModel.predict(arch) -> ms`; build one with `load_latency_model`:
+
+    model = load_latency_model("lut", lut="runs/lut.parquet", space="scanedge", device="local-cpu")
+    model.predict(arch)
+
+The calibration (kappa, epsilon per model and the measured subnets) lives in a small JSON file next
+to the LUT (`calibration_path(lut)`), keyed like the table by space|device|runtime|resolution|num_classes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import nnls
+
+from raynas.errors import UserError
+from raynas.hw.features import FEATURES, block_features
+from raynas.hw.lut import TableKey, load_group
+from raynas.space import Arch
+from raynas.supernets.base import Supernet
+
+MODEL_KINDS = ("lut", "linear", "flops", "params")
+
+
+@runtime_checkable
+class LatencyModel(Protocol):
+    """What search sees: milliseconds on one device for an arch of the space."""
+
+    kind: str
+
+    def predict(self, arch: Mapping[str, Any]) -> float: ...
+
+
+@dataclass
+class Affine:
+    """y = slope * x + intercept (kappa and epsilon of seed 004)."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    def __call__(self, x: float) -> float:
+        return self.slope * x + self.intercept
+
+    @classmethod
+    def fit(cls, x: Sequence[float], y: Sequence[float]) -> Affine:
+        """Least squares; with one point or no spread in x, the ratio through the origin."""
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if len(x) == 0:
+            raise ValueError("calibration needs at least one measured subnet")
+        if len(x) < 2 or np.ptp(x) <= 1e-12 * max(abs(x).max(), 1e-30):
+            return cls(float(y.sum() / x.sum()) if x.sum() else 1.0, 0.0)
+        slope, intercept = np.polyfit(x, y, 1)
+        return cls(float(slope), float(intercept))
+
+
+class BlockLinearModel:
+    """Seed 001 eq. 6 for one block: non-negative weights over operator costs and design parameters.
+
+    Non-negative least squares keeps every operator's cost >= 0, which keeps the fit sane on the few
+    hundred blocks a LUT has. Features are scaled by their largest value before fitting.
+    """
+
+    def __init__(self, coef: Mapping[str, float], intercept: float):
+        self.coef = {name: float(coef.get(name, 0.0)) for name in FEATURES}
+        self.intercept = float(intercept)
+
+    def __call__(self, features: Mapping[str, float]) -> float:
+        return self.intercept + sum(w * features[name] for name, w in self.coef.items() if w)
+
+    @classmethod
+    def fit(cls, features: pd.DataFrame, latency_ms: Sequence[float]) -> BlockLinearModel:
+        x = features[list(FEATURES)].to_numpy(dtype=float)
+        scale = np.abs(x).max(axis=0)
+        scale[scale == 0] = 1.0
+        design = np.hstack([x / scale, np.ones((len(x), 1))])
+        w, _ = nnls(design, np.asarray(latency_ms, dtype=float), maxiter=50 * design.shape[1])
+        return cls(dict(zip(FEATURES, w[:-1] / scale)), w[-1])
+
+    def to_dict(self) -> dict:
+        return {"coef": self.coef, "intercept": self.intercept}
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame) -> BlockLinearModel:
+        feats = table[[f"f_{n}" for n in FEATURES]].rename(columns=lambda c: c[2:])
+        return cls.fit(feats, table["latency_ms"])
+
+
+def table_features(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    cols = [f"f_{n}" for n in FEATURES]
+    return {k: dict(zip(FEATURES, map(float, row))) for k, row in zip(table["key"], table[cols].to_numpy())}
+
+
+class BlockIndex:
+    """Block keys of archs, cached, and the features of keys the table lacks.
+
+    `blocks()` builds static modules with copied weights, which is slow for a search that predicts
+    thousands of archs. A family may offer the cheap hook `block_keys(arch, resolution=None) -> list[str]`
+    (the keys `blocks()` would give, without building modules); it is used once it agreed with `blocks()`
+    on the first arch asked. Modules are only built for keys whose features are unknown.
+    """
+
+    def __init__(self, supernet: Supernet, known_features: dict[str, dict[str, float]], cache_size: int = 50_000):
+        self.supernet = supernet
+        self.features = dict(known_features)
+        self._keys: OrderedDict[Arch, list[str]] = OrderedDict()
+        self._cache_size = cache_size
+        hook = getattr(supernet, "block_keys", None)
+        self._key_hook = hook if callable(hook) else None
+        self._hook_checked = False
+
+    def _from_blocks(self, arch: Arch) -> list[str]:
+        keys = []
+        for block in self.supernet.blocks(arch):
+            if block.key not in self.features:
+                self.features[block.key] = block_features(block.module, block.in_shape)
+            keys.append(block.key)
+        return keys
+
+    def _compute(self, arch: Arch) -> list[str]:
+        if self._key_hook is None:
+            return self._from_blocks(arch)
+        if not self._hook_checked:
+            keys = self._from_blocks(arch)
+            self._hook_checked = True
+            if list(self._key_hook(arch)) != keys:
+                self._key_hook = None  # disagrees with blocks(): not trusted
+            return keys
+        keys = list(self._key_hook(arch))
+        return self._from_blocks(arch) if any(k not in self.features for k in keys) else keys
+
+    def keys(self, arch: Mapping[str, Any]) -> list[str]:
+        arch = arch if isinstance(arch, Arch) else self.supernet.space.validate(arch)
+        if arch in self._keys:
+            self._keys.move_to_end(arch)
+            return self._keys[arch]
+        keys = self._compute(arch)
+        self._keys[arch] = keys
+        if len(self._keys) > self._cache_size:
+            self._keys.popitem(last=False)
+        return keys
+
+
+class CalibratedModel:
+    """raw(arch) -> ms through an affine calibration; subclasses define `raw`."""
+
+    kind = "raw"
+
+    def __init__(self, calibration: Affine | None = None):
+        self.calibration = calibration or Affine()
+
+    def raw(self, arch: Mapping[str, Any]) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    def predict(self, arch: Mapping[str, Any]) -> float:
+        return float(self.calibration(self.raw(arch)))
+
+    def calibrate(self, archs: Sequence[Mapping[str, Any]], measured_ms: Sequence[float]) -> Affine:
+        self.calibration = Affine.fit([self.raw(a) for a in archs], measured_ms)
+        return self.calibration
+
+
+class LutLatencyModel(CalibratedModel):
+    """kappa * sum(LUT over the subnet's blocks) + epsilon.
+
+    A block configuration the table lacks (a rare one the build's sampling never met) is estimated by the
+    block linear model fitted on the table, and counted in `missing_keys`, rather than failing a search.
+    """
+
+    kind = "lut"
+
+    def __init__(self, supernet: Supernet, table: pd.DataFrame, calibration: Affine | None = None):
+        super().__init__(calibration)
+        self.table = dict(zip(table["key"], table["latency_ms"].astype(float)))
+        self.index = BlockIndex(supernet, table_features(table))
+        self._fallback: BlockLinearModel | None = None
+        self._table_frame = table
+        self.missing_keys: set[str] = set()
+
+    def raw(self, arch: Mapping[str, Any]) -> float:
+        total = 0.0
+        for key in self.index.keys(arch):
+            if key in self.table:
+                total += self.table[key]
+            else:
+                if self._fallback is None:
+                    self._fallback = BlockLinearModel.from_table(self._table_frame)
+                self.missing_keys.add(key)
+                total += max(self._fallback(self.index.features[key]), 0.0)
+        return total
+
+
+class LinearLatencyModel(CalibratedModel):
+    """Seed 001 eq. 6 summed over the subnet's blocks, fitted on the LUT's measured blocks."""
+
+    kind = "linear"
+
+    def __init__(self, supernet: Supernet, block_model: BlockLinearModel,
+                 known_features: dict[str, dict[str, float]] | None = None, calibration: Affine | None = None):
+        super().__init__(calibration)
+        self.block_model = block_model
+        self.index = BlockIndex(supernet, known_features or {})
+
+    @classmethod
+    def from_table(cls, supernet: Supernet, table: pd.DataFrame, calibration: Affine | None = None):
+        return cls(supernet, BlockLinearModel.from_table(table), table_features(table), calibration)
+
+    def raw(self, arch: Mapping[str, Any]) -> float:
+        return float(sum(self.block_model(self.index.features[k]) for k in self.index.keys(arch)))
+
+
+class ProxyLatencyModel(CalibratedModel):
+    """A zero-cost proxy (MACs or parameters from `supernet.cost`) fitted linearly to milliseconds."""
+
+    def __init__(self, supernet: Supernet, kind: str, calibration: Affine | None = None):
+        super().__init__(calibration)
+        if kind not in ("flops", "params"):
+            raise ValueError(f"proxy kind: {kind!r}; allowed: ['flops', 'params']")
+        self.kind = kind
+        self.supernet = supernet
+        self._metric = "macs" if kind == "flops" else "params"
+
+    def raw(self, arch: Mapping[str, Any]) -> float:
+        arch = arch if isinstance(arch, Arch) else self.supernet.space.validate(arch)
+        return float(self.supernet.cost(arch)[self._metric])
+
+
+def build_models(supernet: Supernet, table: pd.DataFrame) -> dict[str, CalibratedModel]:
+    """All four models over one LUT group, uncalibrated."""
+    return {
+        "lut": LutLatencyModel(supernet, table),
+        "linear": LinearLatencyModel.from_table(supernet, table),
+        "flops": ProxyLatencyModel(supernet, "flops"),
+        "params": ProxyLatencyModel(supernet, "params"),
+    }
+
+
+# ---- calibration file -------------------------------------------------------------------------------
+def calibration_path(lut_path: str | Path) -> Path:
+    """Where the calibration of a LUT file lives: `lut.parquet` -> `lut.calibration.json`."""
+    p = Path(lut_path)
+    return p.with_name(p.stem + ".calibration.json")
+
+
+def save_calibration(path: str | Path, key: TableKey, record: dict) -> None:
+    """Store one group's calibration (coefficients per model + the measured subnets) in the JSON file."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.is_file() else {"format": 1, "groups": {}}
+    data["groups"][key.id] = {**asdict(key), **record}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def load_calibration(path: str | Path, key: TableKey) -> dict | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["groups"].get(key.id)
+
+
+def load_latency_model(kind: str, lut: str | Path, space: str | Path | None = None, device: str = "local-cpu",
+                       supernet: Supernet | None = None, calibration: str | Path | None = None,
+                       resolution: int | None = None, num_classes: int | None = None,
+                       devices_file: str | Path | None = None, require_calibration: bool = True
+                       ) -> CalibratedModel:
+    """A ready latency model for `space` on `device` from a LUT file and its calibration.
+
+    Pass `supernet` (its space decides resolution/num_classes) or `space` (+ optional overrides).
+    Raises `UserError` when the table or its calibration is absent (unless `require_calibration=False`,
+    which gives the raw, uncalibrated score; only rankings are meaningful then).
+    """
+    from raynas.hw.devices import get_device
+
+    if kind not in MODEL_KINDS:
+        raise UserError(f"latency model: unknown '{kind}'; allowed: {list(MODEL_KINDS)}")
+    if supernet is None:
+        if space is None:
+            raise UserError("latency model: give `space` or `supernet`")
+        from raynas.space import load_space
+        from raynas.supernets import build_supernet
+
+        supernet = build_supernet(load_space(space, resolution=resolution, num_classes=num_classes)).eval()
+    key = TableKey.of(supernet, get_device(device, devices_file))
+    calib_file = Path(calibration) if calibration else calibration_path(lut)
+    record = load_calibration(calib_file, key)
+    if record is None and require_calibration:
+        raise UserError(f"--lut {lut}: no calibration for {key.id} in {calib_file}; "
+                        f"run `raynas profile calibrate --space {key.space} --device {key.device} --lut {lut}`")
+    affine = Affine(**record["models"][kind]["calibration"]) if record else None
+    if kind in ("flops", "params"):
+        return ProxyLatencyModel(supernet, kind, affine)
+    table, _ = load_group(lut, key)
+    if kind == "lut":
+        return LutLatencyModel(supernet, table, affine)
+    return LinearLatencyModel.from_table(supernet, table, affine)

@@ -1,0 +1,353 @@
+"""Per-device latency lookup tables over every distinct block configuration of a space (seed 004 §3).
+
+A block configuration is identified by `Block.key` (the piece's choices at its stage position, incl. its
+input shape), so a table row is one distinct computation; a subnet's raw LUT latency is the sum of its
+blocks' rows. Families offer no enumerator, so configurations are collected from `blocks()` of the
+smallest, the largest and random subnets until `patience` samples in a row bring no new key (plus an
+optional family hook `supernet.block_variants(resolution) -> Iterable[Block]`).
+
+Tables are Parquet, one row per (space, device, runtime, resolution, num_classes, key); a file may hold
+several groups. Building again into the same file measures only the keys it lacks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from tqdm import tqdm
+
+from raynas.hw.devices import DeviceSpec
+from raynas.hw.features import FEATURES, block_features
+from raynas.hw.measure import identity_onnx
+from raynas.hw.onnx_export import export_onnx
+from raynas.hw.remote import Profiler
+from raynas.supernets.base import Block, Supernet
+
+META_KEY = b"raynas.lut"
+GROUP_COLUMNS = ("space", "device", "runtime", "resolution", "num_classes")
+
+
+@dataclass(frozen=True)
+class TableKey:
+    """Which device measured which space at which input size: the identity of a LUT group."""
+
+    space: str
+    device: str
+    runtime: str
+    resolution: int
+    num_classes: int
+
+    @property
+    def id(self) -> str:
+        return "|".join(str(v) for v in asdict(self).values())
+
+    @classmethod
+    def of(cls, supernet: Supernet, device: DeviceSpec) -> TableKey:
+        s = supernet.space
+        return cls(s.name, device.name, device.runtime, int(s.resolution), int(s.num_classes))
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 1.0)
+    return tqdm(iterable, **kwargs)
+
+
+# ---- which blocks exist -----------------------------------------------------------------------------
+@dataclass
+class BlockCatalogue:
+    """The distinct block configurations found, each with one module and its first position."""
+
+    blocks: dict[str, Block]
+    positions: dict[str, int]
+    archs_scanned: int
+    from_hook: int = 0
+
+
+def family_block_variants(supernet: Supernet) -> list[Block]:
+    """Blocks from the family's optional enumerator `block_variants(resolution)`, if it has one.
+
+    Accepted forms: an iterable of `Block`, or a mapping key -> (dynamic module, choices, in_shape without
+    batch) whose static piece is `module.static(in_shape, **choices)` (the scanedge family's form).
+    A method of that name with another signature (not taking `resolution`) is something else and ignored.
+    """
+    hook = getattr(supernet, "block_variants", None)
+    if not callable(hook):
+        return []
+    params = list(inspect.signature(hook).parameters)
+    if not params or params[0] != "resolution":
+        return []
+    found = hook(supernet.space.resolution)
+    if isinstance(found, Mapping):
+        return [Block(key, module.static(tuple(shape), **choices), (1, *shape))
+                for key, (module, choices, shape) in found.items()]
+    return [b for b in found if isinstance(b, Block)]
+
+
+def collect_block_configs(supernet: Supernet, *, seed: int = 0, max_archs: int = 3000, patience: int = 300,
+                          verify: int = 20, show_progress: bool = True) -> BlockCatalogue:
+    """Distinct `Block.key`s of the space at the supernet's resolution (see the module doc).
+
+    With a family enumerator, `verify` sampled subnets (plus the smallest and largest) check that it
+    covers what `blocks()` produces; sampling continues with `patience` only if they find new keys.
+    """
+    space = supernet.space
+    rng = np.random.default_rng(seed)
+    blocks: dict[str, Block] = {}
+    positions: dict[str, int] = {}
+
+    def add(found: Iterable[Block]) -> int:
+        new = 0
+        for i, b in enumerate(found):
+            if b.key not in blocks:
+                blocks[b.key] = b
+                positions[b.key] = i
+                new += 1
+        return new
+
+    from_hook = add(family_block_variants(supernet))
+    enough = verify if from_hook else patience
+    scanned, since_new = 0, 0
+    bar = progress(desc=f"block configs of {space.name}", unit="arch", disable=not show_progress)
+    archs: Iterator = iter([space.min_arch(), space.max_arch()])
+    while scanned < max_archs and since_new < enough:
+        arch = next(archs, None)
+        arch = space.sample(rng) if arch is None else arch
+        new = add(supernet.blocks(arch))
+        scanned += 1
+        since_new = 0 if new else since_new + 1
+        if new:
+            enough = patience  # the enumerator missed something: fall back to sampling to saturation
+        bar.update(1)
+        bar.set_postfix(keys=len(blocks), refresh=False)
+    bar.close()
+    return BlockCatalogue(blocks, positions, scanned, from_hook)
+
+
+# ---- export -------------------------------------------------------------------------------------------
+def onnx_bytes(module, input_shape: tuple[int, ...]) -> bytes:
+    """The module as verified ONNX (raynas.hw.onnx_export), as bytes to ship to a device node."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        export_onnx(module, tuple(input_shape), path)
+        return path.read_bytes()
+
+
+# ---- measuring on several devices at once -------------------------------------------------------------
+def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callable[[], tuple[bytes, tuple]]]],
+                       chunk: int = 8, desc: str = "measuring", show_progress: bool = True, passes: int = 1,
+                       seed: int = 0) -> dict[str, list[dict]]:
+    """Measure every `(tag, make)` on every profiler, `make() -> (onnx_bytes, input_shape)` exporting
+    the model; returns the records per device name, in `items` order.
+
+    Export (on the driver) and measurement alternate chunk by chunk. When every device is another
+    node, the next chunk is exported while the devices measure the current one; when one of them is this
+    node (local-cpu), never: export would steal the CPU the measurement is timing.
+
+    `passes` > 1 measures everything again, each pass in a new random order, and keeps per model the pass
+    with the median latency (the lower one of an even count): a host whose speed drifts (other jobs,
+    thermal) then spreads its drift over all models instead of biasing the ones measured in a slow moment.
+    `pass_spread` records (max - min) / median of the passes.
+    """
+    driver_node = ray.get_runtime_context().get_node_id()
+    overlap = all(p.node["node_id"] != driver_node for p in profilers)
+    per_pass: dict[str, dict[str, list[dict]]] = {p.device.name: {} for p in profilers}
+    bar = progress(total=len(items) * len(profilers) * passes, desc=desc, unit="model", disable=not show_progress)
+    exported: dict[str, tuple] = {}  # tag -> (object ref, shape): exported once, measured every pass
+    pending: list = []
+
+    def collect(refs) -> None:
+        for name, ref in refs:
+            records = ray.get(ref)
+            for r in records:
+                per_pass[name].setdefault(r["tag"], []).append(r)
+            bar.update(len(records))
+
+    rng = np.random.default_rng(seed)
+    for n in range(passes):
+        order = list(range(len(items))) if n == 0 else list(rng.permutation(len(items)))
+        for start in range(0, len(order), chunk):
+            batch = []
+            for i in order[start:start + chunk]:
+                tag, make = items[i]
+                if tag in exported:
+                    batch.append((tag, *exported[tag]))
+                    continue
+                model, shape = make()
+                batch.append((tag, ray.put(model), tuple(shape)))
+                if passes > 1:  # kept for the next passes; with one pass the object store frees it once measured
+                    exported[tag] = batch[-1][1:]
+            if not overlap:
+                collect(pending)
+                pending = []
+            refs = [(p.device.name, p.actor.measure.remote(batch)) for p in profilers]
+            if overlap:
+                collect(pending)
+                pending = refs
+            else:
+                collect(refs)
+    collect(pending)
+    bar.close()
+    results: dict[str, list[dict]] = {}
+    for name, by_tag in per_pass.items():
+        results[name] = []
+        for tag, _ in items:
+            runs = sorted(by_tag[tag], key=lambda r: r["median_ms"])
+            chosen = dict(runs[(len(runs) - 1) // 2])
+            medians = [r["median_ms"] for r in runs]
+            chosen["passes"] = len(runs)
+            chosen["pass_spread"] = (medians[-1] - medians[0]) / chosen["median_ms"] if chosen["median_ms"] else 0.0
+            results[name].append(chosen)
+    return results
+
+
+# ---- the table ------------------------------------------------------------------------------------------
+def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFrame | None = None,
+              existing_meta: dict[str, dict] | None = None, seed: int = 0, max_archs: int = 3000,
+              patience: int = 300, passes: int = 1, show_progress: bool = True
+              ) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Measure every distinct block of `supernet`'s space on each device, in parallel across devices.
+
+    Keys already in `existing` (a table from `read_lut`, with its `existing_meta`) for a device's group are
+    reused, not measured again. Returns the rows of all groups touched (existing + new) and per-group
+    metadata; `build_s` is the total time spent on the group over every build that contributed rows.
+    `passes`: see `measure_on_devices` (more passes, steadier entries on a host whose speed drifts).
+    """
+    t0 = time.perf_counter()
+    catalogue = collect_block_configs(supernet, seed=seed, max_archs=max_archs, patience=patience,
+                                      show_progress=show_progress)
+    existing = existing if existing is not None else empty_table()
+    keys = {p.device.name: TableKey.of(supernet, p.device) for p in profilers}
+    # Rows measured with other settings (protocol, clock, threads, batch) are not comparable: measure anew.
+    old = {p.device.name: select(existing, keys[p.device.name])
+           if _same_settings((existing_meta or {}).get(keys[p.device.name].id), p.device) else empty_table()
+           for p in profilers}
+    have = {name: set(rows["key"]) for name, rows in old.items()}
+    wanted = [k for k in catalogue.blocks if any(k not in have[n] for n in have)]
+    features = {k: block_features(catalogue.blocks[k].module, catalogue.blocks[k].in_shape)
+                for k in progress(wanted, desc="block features", unit="block", disable=not show_progress)}
+
+    def maker(block: Block):
+        return lambda: (onnx_bytes(block.module, block.in_shape), block.in_shape)
+
+    items = [(k, maker(catalogue.blocks[k])) for k in wanted]
+    # onnxruntime's fixed cost per call, per distinct input shape (see measure.identity_onnx)
+    shapes = sorted({tuple(catalogue.blocks[k].in_shape) for k in wanted})
+    items += [(f"identity:{list(s)}", (lambda s=s: (identity_onnx(s), s))) for s in shapes]
+    # Every device measures every wanted block (they run in parallel); rows a device already had are kept.
+    measured = measure_on_devices(profilers, items, desc=f"LUT {supernet.space.name}", passes=passes, seed=seed,
+                                  show_progress=show_progress) if wanted else {}
+    build_s = time.perf_counter() - t0
+
+    frames, meta = [], {}
+    for p in profilers:
+        key = keys[p.device.name]
+        records = {r["tag"]: r for r in measured.get(p.device.name, [])}
+        overhead = {tuple(json.loads(t.split(":", 1)[1])): r["median_ms"]
+                    for t, r in records.items() if t.startswith("identity:")}
+        rows = []
+        for k in wanted:
+            if k in have[p.device.name]:
+                continue
+            r, b = records[k], catalogue.blocks[k]
+            oh = overhead[tuple(b.in_shape)]
+            rows.append({
+                **asdict(key), "key": k, "position": catalogue.positions[k], "in_shape": json.dumps(list(b.in_shape)),
+                "latency_ms": max(r["median_ms"] - oh, 0.0), "median_ms": r["median_ms"], "overhead_ms": oh,
+                "iqr_ms": r["iqr_ms"], "runs": r["runs"], "series": r["series"], "clock": r["clock"],
+                "wall_median_ms": r["wall_median_ms"], "passes": r["passes"], "pass_spread": r["pass_spread"],
+                **{f"f_{name}": features[k][name] for name in FEATURES},
+                "node_id": r["node_id"], "hostname": r["hostname"], "measured_at": time.time(),
+            })
+        new = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        group = pd.concat([old[p.device.name], new], ignore_index=True) if len(new) else old[p.device.name]
+        frames.append(group)
+        reused = len(group) - len(new)
+        previous_s = (existing_meta or {}).get(key.id, {}).get("build_s", 0.0) if reused else 0.0
+        meta[key.id] = {
+            **asdict(key), "build_s": round(previous_s + (build_s if len(new) else 0.0), 3),
+            "blocks": int(len(group)), "measured": len(new),
+            "reused": int(reused), "archs_scanned": catalogue.archs_scanned,
+            "threads": p.device.threads, "batch_size": p.device.batch_size, "passes": passes,
+            "protocol": asdict(p.device.protocol), "onnxruntime": p.node.get("onnxruntime"),
+            "hostname": p.node.get("hostname"),
+        }
+    return pd.concat(frames, ignore_index=True), meta
+
+
+def _same_settings(meta: dict | None, device: DeviceSpec) -> bool:
+    return bool(meta) and meta.get("protocol") == asdict(device.protocol) and \
+        meta.get("threads") == device.threads and meta.get("batch_size") == device.batch_size
+
+
+TABLE_COLUMNS = [*GROUP_COLUMNS, "key", "position", "in_shape", "latency_ms", "median_ms", "overhead_ms",
+                 "iqr_ms", "runs", "series", "clock", "wall_median_ms", "passes", "pass_spread",
+                 *(f"f_{n}" for n in FEATURES),
+                 "node_id", "hostname", "measured_at"]
+
+
+def empty_table() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in TABLE_COLUMNS})
+
+
+def select(table: pd.DataFrame, key: TableKey) -> pd.DataFrame:
+    mask = np.ones(len(table), dtype=bool)
+    for col, value in asdict(key).items():
+        mask &= (table[col] == value).to_numpy()
+    return table[mask].reset_index(drop=True)
+
+
+def read_lut(path: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """All groups of a LUT file and their metadata ({} for a file that does not exist yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return empty_table(), {}
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    return table.to_pandas(), meta
+
+
+def write_lut(path: str | Path, rows: pd.DataFrame, meta: dict[str, dict]) -> None:
+    """Merge `rows` (whole groups) into the file at `path`, replacing those groups; other groups stay."""
+    path = Path(path)
+    table, old_meta = read_lut(path)
+    replaced = set(rows[list(GROUP_COLUMNS)].astype(str).agg("|".join, axis=1)) if len(rows) else set()
+    replaced |= set(meta)
+    if len(table):
+        ids = table[list(GROUP_COLUMNS)].astype(str).agg("|".join, axis=1)
+        table = table[~ids.isin(replaced)]
+    merged = pd.concat([t for t in (table, rows) if len(t)], ignore_index=True) if len(table) or len(rows) \
+        else empty_table()
+    old_meta.update(meta)
+    arrow = pa.Table.from_pandas(merged[TABLE_COLUMNS], preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), META_KEY: json.dumps(old_meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    pq.write_table(arrow, tmp)
+    tmp.replace(path)
+
+
+def load_group(path: str | Path, key: TableKey) -> tuple[pd.DataFrame, dict]:
+    """One group of a LUT file; raises a UserError naming what the file holds when it is absent."""
+    from raynas.errors import UserError
+
+    table, meta = read_lut(path)
+    rows = select(table, key)
+    if not len(rows):
+        held = sorted(meta) or ["nothing"]
+        raise UserError(f"--lut {path}: no table for {key.id} (space|device|runtime|resolution|num_classes); "
+                        f"the file holds {held}; build it with `raynas profile lut`")
+    return rows, meta.get(key.id, {})

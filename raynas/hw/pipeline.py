@@ -1,0 +1,95 @@
+"""Profile spaces on every device present in the Ray cluster: LUT, calibration and (optionally) validation.
+
+What `pipelines/profile_devices.py` runs under `ray job submit`. Devices are measured in parallel (one
+profiler actor per device node); the files land in `out_dir`:
+
+  <space>.lut.parquet              the per-block LUTs of every device (one group per device)
+  <space>.lut.calibration.json     kappa/epsilon of every model, per device
+  <space>.validation.parquet       held-out subnets, measured vs predicted (when validate_n > 0)
+  profile_summary.json             what was done, per space and device
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from raynas.errors import UserError
+from raynas.hw.devices import DeviceSpec, devices_present, load_devices
+from raynas.hw.latency import calibration_path, save_calibration
+from raynas.hw.lut import TableKey, build_lut, read_lut, select, write_lut
+from raynas.hw.profiling import calibrate_many, validate_many
+from raynas.hw.remote import start_profiler
+
+
+def devices_to_profile(devices_file: str | Path | None = None, only: Sequence[str] | None = None
+                       ) -> tuple[list[DeviceSpec], list[str]]:
+    """Declared devices that some node advertises (all of them, or `only`), and the names skipped and why."""
+    declared = load_devices(devices_file)
+    present = devices_present()
+    wanted = list(only) if only else sorted(present)
+    chosen, skipped = [], []
+    for name in wanted:
+        if name not in present:
+            skipped.append(f"{name}: no node advertises device:{name}")
+        elif name not in declared:
+            skipped.append(f"{name}: present but not declared in the devices file (runtime/threads unknown)")
+        else:
+            chosen.append(declared[name])
+    if not chosen:
+        raise UserError(f"devices: nothing to profile; present: {sorted(present) or 'none'}, "
+                        f"declared: {sorted(declared)}; skipped: {skipped}")
+    return chosen, skipped
+
+
+def profile_devices(spaces: Sequence[str], out_dir: str | Path, devices: Sequence[DeviceSpec],
+                    resolution: int | None = None, calibration_n: int = 10, validate_n: int = 0,
+                    seed: int = 0, patience: int = 300, max_archs: int = 3000, passes: int = 1,
+                    show_progress: bool = True) -> dict[str, Any]:
+    from raynas.space import load_space
+    from raynas.supernets import build_supernet
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"devices": [d.name for d in devices], "spaces": {}}
+    profilers = [start_profiler(d) for d in devices]
+    try:
+        summary["nodes"] = {p.device.name: p.node for p in profilers}
+        for name in spaces:
+            supernet = build_supernet(load_space(name, resolution=resolution)).eval()
+            lut_path = out_dir / f"{supernet.space.name}.lut.parquet"
+            print(f"[profile] {supernet.space.name}: LUT on {summary['devices']}", file=sys.stderr)
+            existing, existing_meta = read_lut(lut_path)
+            rows, meta = build_lut(supernet, profilers, existing, existing_meta, seed=seed, max_archs=max_archs,
+                                   patience=patience, passes=passes, show_progress=show_progress)
+            write_lut(lut_path, rows, meta)
+            keys = {p.device.name: TableKey.of(supernet, p.device) for p in profilers}
+            tables = {n: select(rows, k) for n, k in keys.items()}
+            calibrations = calibrate_many(supernet, tables, profilers, calibration_n, seed, show_progress)
+            for n, record in calibrations.items():
+                save_calibration(calibration_path(lut_path), keys[n], record)
+            per_device = {n: {"lut": str(lut_path), "calibration": str(calibration_path(lut_path)),
+                              "blocks": meta[k.id]["blocks"], "measured": meta[k.id]["measured"],
+                              "lut_build_s": meta[k.id]["build_s"], "calibration_n": calibrations[n]["n"],
+                              "kappa": calibrations[n]["models"]["lut"]["calibration"]["slope"],
+                              "epsilon": calibrations[n]["models"]["lut"]["calibration"]["intercept"]}
+                          for n, k in keys.items()}
+            if validate_n > 0:
+                build_s = {n: meta[k.id]["build_s"] for n, k in keys.items()}
+                results = validate_many(supernet, tables, calibrations, profilers, validate_n, seed, build_s,
+                                        show_progress)
+                import pandas as pd
+
+                pd.concat([rows_.assign(device=n) for n, (_, rows_) in results.items()], ignore_index=True) \
+                    .to_parquet(out_dir / f"{supernet.space.name}.validation.parquet", index=False)
+                for n, (s, _) in results.items():
+                    per_device[n]["validation"] = s
+            summary["spaces"][supernet.space.name] = per_device
+    finally:
+        for p in profilers:
+            p.stop()
+    (out_dir / "profile_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

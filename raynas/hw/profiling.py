@@ -1,0 +1,175 @@
+"""End-to-end subnet measurement on a device, model calibration (<= 10 subnets) and held-out validation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from raynas.hw.devices import DeviceSpec
+from raynas.hw.latency import Affine, BlockLinearModel, CalibratedModel, build_models
+from raynas.hw.lut import measure_on_devices, onnx_bytes
+from raynas.hw.remote import Profiler
+from raynas.space import Arch, SearchSpace
+from raynas.supernets.base import Subnet, Supernet
+
+
+def subnet_onnx(supernet: Supernet, arch: Arch) -> tuple[bytes, tuple[int, ...]]:
+    """The extracted subnet as verified ONNX and its input shape (that of its first block: a family may
+    take inputs at another resolution than the space's, e.g. an input-resize piece)."""
+    blocks = supernet.blocks(arch)
+    subnet = Subnet(blocks, arch, supernet.space.name).eval()
+    shape = tuple(blocks[0].in_shape)
+    return onnx_bytes(subnet, shape), shape
+
+
+def measure_subnets(supernet: Supernet, archs: Sequence[Arch], profilers: list[Profiler],
+                    show_progress: bool = True, desc: str = "subnets") -> dict[str, list[dict]]:
+    """Export each subnet to ONNX and time it end to end on every device; records in `archs` order."""
+    def maker(arch: Arch):
+        return lambda: subnet_onnx(supernet, arch)
+
+    items = [(arch.to_json(), maker(arch)) for arch in archs]
+    return measure_on_devices(profilers, items, chunk=4, desc=desc, show_progress=show_progress)
+
+
+def calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
+    """The smallest and largest subnet (so the fit spans the whole latency range) and random ones."""
+    rng = np.random.default_rng([seed, 1])
+    archs: list[Arch] = []
+    for arch in (space.min_arch(), space.max_arch()):
+        if len(archs) < n and arch not in archs:
+            archs.append(arch)
+    return _fill_random(space, archs, n, rng, exclude=set())
+
+
+def held_out_archs(space: SearchSpace, n: int, seed: int, exclude: Sequence[Arch]) -> list[Arch]:
+    return _fill_random(space, [], n, np.random.default_rng([seed, 2]), exclude=set(exclude))
+
+
+def _fill_random(space, archs: list[Arch], n: int, rng, exclude: set) -> list[Arch]:
+    seen = set(archs) | exclude
+    attempts = 0
+    while len(archs) < n and attempts < 100 * n:
+        arch = space.sample(rng)
+        attempts += 1
+        if arch not in seen:
+            seen.add(arch)
+            archs.append(arch)
+    return archs
+
+
+def fit_calibration(supernet: Supernet, table: pd.DataFrame, archs: Sequence[Arch], records: list[dict],
+                    seed: int = 0) -> dict[str, Any]:
+    """Each model's kappa/epsilon fitted on measured subnets; the record `latency.save_calibration` stores."""
+    measured = [r["median_ms"] for r in records]
+    models = build_models(supernet, table)
+    fitted = {kind: model.calibrate(archs, measured) for kind, model in models.items()}
+    summary = {kind: {"calibration": {"slope": f.slope, "intercept": f.intercept},
+                      "fit": accuracy([models[kind].predict(a) for a in archs], measured)}
+               for kind, f in fitted.items()}
+    summary["linear"]["block_model"] = models["linear"].block_model.to_dict()
+    summary["lut"]["missing_keys"] = len(models["lut"].missing_keys)
+    return {
+        "n": len(archs), "seed": seed, "archs": [a.to_dict() for a in archs], "measured_ms": measured,
+        "iqr_ms": [r["iqr_ms"] for r in records],
+        "node_id": records[0]["node_id"] if records else None,
+        "hostname": records[0]["hostname"] if records else None, "models": summary,
+    }
+
+
+def calibrate_many(supernet: Supernet, tables: dict[str, pd.DataFrame], profilers: list[Profiler], n: int = 10,
+                   seed: int = 0, show_progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Measure the same `n` subnets end to end on every device at once and calibrate each device's models
+    (seed 004 §3: ~10 subnets). `tables` maps device name -> its LUT group."""
+    archs = calibration_archs(supernet.space, n, seed)
+    records = measure_subnets(supernet, archs, profilers, show_progress, desc="calibration subnets")
+    return {p.device.name: fit_calibration(supernet, tables[p.device.name], archs, records[p.device.name], seed)
+            for p in profilers}
+
+
+def calibrate(supernet: Supernet, table: pd.DataFrame, profiler: Profiler, n: int = 10, seed: int = 0,
+              show_progress: bool = True) -> dict[str, Any]:
+    """`calibrate_many` for one device."""
+    return calibrate_many(supernet, {profiler.device.name: table}, [profiler], n, seed, show_progress)[
+        profiler.device.name]
+
+
+def models_from_calibration(supernet: Supernet, table: pd.DataFrame, record: dict) -> dict[str, CalibratedModel]:
+    models = build_models(supernet, table)
+    for kind, model in models.items():
+        model.calibration = Affine(**record["models"][kind]["calibration"])
+    block_model = record["models"]["linear"].get("block_model")
+    if block_model:
+        models["linear"].block_model = BlockLinearModel(**block_model)
+    return models
+
+
+def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, float]:
+    """Spearman rank correlation, mean absolute percentage error (%), share within +-10% (0..1)."""
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    rel = np.abs(p - m) / m
+    rho = spearmanr(p, m).statistic if len(p) > 1 and np.ptp(p) > 0 and np.ptp(m) > 0 else float("nan")
+    return {"spearman": _num(rho), "mape": _num(100 * rel.mean()), "within10": _num((rel <= 0.10).mean())}
+
+
+def _num(x: float, digits: int = 4) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else round(x, digits)
+
+
+def summarize_validation(supernet: Supernet, table: pd.DataFrame, calibration: dict, device: DeviceSpec,
+                         archs: Sequence[Arch], records: list[dict], seed: int = 0,
+                         lut_build_s: float | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Each calibrated model's predictions against the measured held-out subnets."""
+    measured = [r["median_ms"] for r in records]
+    models = models_from_calibration(supernet, table, calibration)
+    rows = pd.DataFrame({"arch": [a.to_json() for a in archs], "measured_ms": measured,
+                         "iqr_ms": [r["iqr_ms"] for r in records]})
+    per_model = {}
+    for kind, model in models.items():
+        rows[f"{kind}_ms"] = [model.predict(a) for a in archs]
+        per_model[kind] = {**accuracy(rows[f"{kind}_ms"], measured),
+                           "kappa": float(f"{model.calibration.slope:.6g}"),
+                           "epsilon": float(f"{model.calibration.intercept:.6g}")}
+    lut = per_model["lut"]
+    summary = {
+        "n": len(archs), "spearman": lut["spearman"], "mape": lut["mape"], "within10": lut["within10"],
+        "flops_spearman": per_model["flops"]["spearman"], "params_spearman": per_model["params"]["spearman"],
+        "calibration_n": calibration["n"],
+        "lut_build_s": None if lut_build_s is None else round(float(lut_build_s), 2),
+        "space": supernet.space.name, "device": device.name, "runtime": device.runtime,
+        "resolution": supernet.space.resolution, "num_classes": supernet.space.num_classes,
+        "seed": seed, "lut_blocks": len(table), "missing_keys": len(models["lut"].missing_keys),
+        "measured_ms": {"min": _num(min(measured)), "median": _num(float(np.median(measured))),
+                        "max": _num(max(measured))} if measured else None,
+        "models": per_model, "hostname": records[0]["hostname"] if records else None,
+    }
+    return summary, rows
+
+
+def validate_many(supernet: Supernet, tables: dict[str, pd.DataFrame], calibrations: dict[str, dict],
+                  profilers: list[Profiler], n: int = 100, seed: int = 0,
+                  lut_build_s: dict[str, float] | None = None, show_progress: bool = True
+                  ) -> dict[str, tuple[dict[str, Any], pd.DataFrame]]:
+    """Measure `n` random subnets that no device's calibration used, on every device at once, and compare
+    each model's prediction with them. Returns per device: (summary, one row per subnet)."""
+    used = {supernet.space.validate(a) for c in calibrations.values() for a in c["archs"]}
+    archs = held_out_archs(supernet.space, n, seed, exclude=list(used))
+    records = measure_subnets(supernet, archs, profilers, show_progress, desc="held-out subnets")
+    return {p.device.name: summarize_validation(
+        supernet, tables[p.device.name], calibrations[p.device.name], p.device, archs, records[p.device.name],
+        seed, (lut_build_s or {}).get(p.device.name)) for p in profilers}
+
+
+def validate(supernet: Supernet, table: pd.DataFrame, calibration: dict, profiler: Profiler, n: int = 100,
+             seed: int = 0, lut_build_s: float | None = None, show_progress: bool = True
+             ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """`validate_many` for one device: (the `raynas profile validate --json` object, rows per subnet)."""
+    name = profiler.device.name
+    return validate_many(supernet, {name: table}, {name: calibration}, [profiler], n, seed,
+                         {name: lut_build_s} if lut_build_s is not None else None, show_progress)[name]

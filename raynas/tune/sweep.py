@@ -1,0 +1,124 @@
+"""`raynas tune`: a Ray Tune sweep of the big/little loss weights, distillation temperature, routing
+threshold and router hyper-parameters, with Optuna's TPE sampler (`OptunaSearch`) proposing trials and
+ASHA stopping unpromising ones early. Each trial trains through Ray Train (see raynas.tune.trial).
+
+<storage_path>/<name>/
+  trials.parquet     one row per trial: its parameters, last metrics (validation ones when it finished)
+  results.parquet    every report of every trial (epochs, then the validation row)
+  best.yaml          the training config with the best trial's values filled in (`raynas train best.yaml`)
+  train_runs/        each trial's Ray Train run (checkpoints, metrics.parquet, supernet.pt)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from raynas.tune.config import apply_params
+
+
+def _distribution(spec: dict):
+    from ray import tune
+
+    kind, args = next(iter(spec.items()))
+    if kind == "uniform":
+        return tune.uniform(*args)
+    if kind == "loguniform":
+        return tune.loguniform(*args)
+    if kind == "quniform":
+        return tune.quniform(*args)
+    if kind == "randint":
+        return tune.randint(int(args[0]), int(args[1]))
+    return tune.choice(list(args))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python, so YAML and Parquet get plain values."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def run_tune(sweep: dict[str, Any]) -> dict[str, Any]:
+    """Run the validated sweep (see raynas.tune.config); returns a summary with the best trial."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raynas.hw.devices import init_local_ray
+    from raynas.tune.trial import biglittle_trial
+
+    started = time.time()
+    init_local_ray()
+    out_dir = Path(sweep["storage_path"]) / sweep["name"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    epochs = sweep["train"]["epochs"]
+    sched = sweep["scheduler"]
+    if sched["name"] == "asha":
+        # stop_last_trials=False: a trial that trained all epochs still reports its validation row
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=sched["grace_period"],
+                                  reduction_factor=sched["reduction_factor"], stop_last_trials=False)
+    else:
+        scheduler = FIFOScheduler()
+    trainable = tune.with_resources(tune.with_parameters(biglittle_trial, sweep=sweep),
+                                    {"cpu": sweep["trial_cpus"]})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={k: _distribution(v) for k, v in sweep["param_space"].items()},
+        tune_config=tune.TuneConfig(metric=sweep["metric"], mode=sweep["mode"],
+                                    search_alg=OptunaSearch(seed=sweep["search_alg"]["seed"]),
+                                    scheduler=scheduler, num_samples=sweep["num_samples"],
+                                    max_concurrent_trials=sweep["max_concurrent_trials"]),
+        run_config=tune.RunConfig(name=sweep["name"], storage_path=sweep["storage_path"], verbose=1),
+    )
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables; stdout keeps the JSON summary
+        grid = tuner.fit()
+    trials, history = [], []
+    for result in grid:
+        metrics = {k: _plain(v) for k, v in (result.metrics or {}).items() if not isinstance(v, dict)}
+        row = {"trial_id": metrics.get("trial_id"), "status": "error" if result.error else "ok",
+               **{f"config/{k}": _plain(v) for k, v in (result.config or {}).items()},
+               **{k: v for k, v in metrics.items() if k != "config"}}
+        if result.error:
+            row["error"] = str(result.error).splitlines()[0][:500]
+        trials.append(row)
+        if result.metrics_dataframe is not None:
+            frame = result.metrics_dataframe.copy()
+            frame["trial_id"] = metrics.get("trial_id")
+            # epoch rows carry the strategy's training-batch estimate of the score; the last, validation
+            frame["score_source"] = frame.get("score_source", pd.Series(index=frame.index, dtype=object)) \
+                .fillna("train_batches")
+            history.append(frame)
+    trials_df = pd.DataFrame(trials)
+    trials_df.to_parquet(out_dir / "trials.parquet")
+    if history:
+        frames = [f.drop(columns=[c for c in f.columns if f[c].map(lambda v: isinstance(v, dict)).any()])
+                  for f in history]
+        pd.concat(frames, ignore_index=True).to_parquet(out_dir / "results.parquet")
+
+    finished = [t for t in trials if t.get("score_source") == "validation" and not math.isnan(t.get("score", math.nan))]
+    summary: dict[str, Any] = {"name": sweep["name"], "dir": str(out_dir), "trials": len(trials),
+                               "finished": len(finished), "stopped_early": len(trials) - len(finished),
+                               "wall_s": round(time.time() - started, 1)}
+    if finished:
+        best = max(finished, key=lambda t: t["score"])
+        params = {k[len("config/"):]: best[k] for k in best if k.startswith("config/")}
+        best_cfg = apply_params(sweep["train"], params)
+        best_cfg["name"] = f"{sweep['name']}_best"
+        header = (f"# best of raynas tune '{sweep['name']}' ({len(finished)} finished of {len(trials)} trials): "
+                  f"trial {best['trial_id']}\n# validation: score {best['score']:.4f}, routed accuracy "
+                  f"{best['val_accuracy']:.4f}, routing ratio {best['val_routing_ratio']:.3f}, "
+                  f"E[MACs]/MACs(big) {best['val_e_macs_frac']:.3f}\n# swept: "
+                  + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+                  + "\n")
+        (out_dir / "best.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
+        summary.update(best_trial=best["trial_id"], best_score=best["score"], best_params=params,
+                       best_val_accuracy=best["val_accuracy"], best_config=str(out_dir / "best.yaml"))
+    else:
+        print("raynas tune: no trial finished its training; no best.yaml written", file=sys.stderr)
+    return summary

@@ -1,0 +1,392 @@
+"""Hardware profiling: devices on a real two-node Ray cluster, onnxruntime measurement, LUTs, calibration,
+the latency models and the `raynas profile` CLI. A tiny MobileNetV3 space (10 distinct blocks, 32 px)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from raynas.errors import ConfigError
+from raynas.hw.devices import (
+    LOCAL_CPU,
+    DeviceNotPresent,
+    DeviceSpec,
+    MeasurementProtocol,
+    load_devices,
+    parse_devices,
+)
+from raynas.hw.features import FEATURES
+from raynas.hw.latency import (
+    Affine,
+    BlockLinearModel,
+    LinearLatencyModel,
+    LutLatencyModel,
+    ProxyLatencyModel,
+    load_latency_model,
+    save_calibration,
+)
+from raynas.hw.lut import TableKey, build_lut, collect_block_configs, onnx_bytes, read_lut, write_lut
+from raynas.hw.measure import identity_onnx, measure_onnx
+from raynas.space import load_space
+from raynas.supernets import build_supernet
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = MeasurementProtocol(warmup_s=0.02, min_warmup_runs=2, runs=50, repeats=1)
+
+TINY_SPACE = {
+    "name": "tiny-mbv3", "family": "mbv3", "resolution": 32, "num_classes": 10,
+    "resolution_choices": [32], "width_choices": [1.0], "depth_choices": [1, 2], "kernel_choices": [3, 5],
+    "expand_choices": [2, 4], "channel_divisor": 8, "se_reduction": 4,
+    "stem": {"channels": 8, "kernel": 3, "stride": 2, "act": "hswish"},
+    "first_block": {"channels": 8, "kernel": 3, "expand": 1, "act": "relu", "se": False},
+    "stages": [{"channels": 16, "stride": 2, "act": "relu", "se": False}],
+    "head": {"expand": 32, "features": 64, "act": "hswish", "dropout": 0.0},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("space") / "tiny-mbv3.yaml"
+    path.write_text(yaml.safe_dump(TINY_SPACE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_yaml):
+    return build_supernet(load_space(tiny_yaml)).eval()
+
+
+@pytest.fixture(scope="module")
+def devices_yaml(tmp_path_factory) -> Path:
+    """Devices a and b (on the two nodes), c (declared but on no node); a fast protocol for tests."""
+    path = tmp_path_factory.mktemp("devices") / "devices.yaml"
+    fast = {"warmup_s": FAST.warmup_s, "min_warmup_runs": FAST.min_warmup_runs, "runs": FAST.runs,
+            "repeats": FAST.repeats}
+    path.write_text(yaml.safe_dump({"protocol": fast, "devices": {
+        name: {"runtime": "cpu", "threads": 1, "batch_size": 1} for name in ("a", "b", "c")}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A real two-node local Ray cluster: the head advertises device:a, the worker device:b."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # Another test module may hold the session's local Ray (conftest's `ray_local`): step aside; the next
+    # `ray_local` user starts a fresh one.
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "resources": {"device:a": 1}, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1, resources={"device:b": 1})
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield {"address": cluster.address, "head": cluster.head_node.node_id, "worker": worker.node_id}
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _device(name: str) -> DeviceSpec:
+    return replace(LOCAL_CPU, name=name, protocol=FAST)
+
+
+# ---- devices file ---------------------------------------------------------------------------------------
+def test_shipped_devices_file_declares_local_cpu():
+    devices = load_devices(REPO / "cluster" / "devices.yaml")
+    local = devices["local-cpu"]
+    assert local.resource == "device:local-cpu" and local.runtime == "cpu" and local.batch_size == 1
+    assert local.protocol.runs >= 50
+    assert all(d.protocol.runs >= 50 for d in devices.values())
+
+
+@pytest.mark.parametrize("cfg, field", [
+    ({"devices": {"x": {"runtime": "tpu"}}}, "devices.x.runtime"),
+    ({"devices": {"x": {"threads": 0}}}, "devices.x.threads"),
+    ({"devices": {"x": {"resource": "device:y"}}}, "devices.x.resource"),
+    ({"devices": {"x": {"protocol": {"runs": 10}}}}, "devices.x.protocol.runs"),
+    ({"devices": {"x": {"colour": 1}}}, "unknown field 'colour'"),
+    ({"protocol": {"warmup_s": -1}, "devices": {"x": {}}}, "protocol.warmup_s"),
+    ({"devices": {"x": {"protocol": {"clock": "sundial"}}}}, "devices.x.protocol.clock"),
+    ({"devices": {"x": {"threads": 2, "protocol": {"clock": "thread"}}}}, "devices.x.protocol.clock"),
+])
+def test_devices_file_errors_name_the_field(cfg, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        parse_devices(cfg)
+
+
+# ---- measurement --------------------------------------------------------------------------------------
+def test_measurement_follows_the_protocol():
+    timing = measure_onnx(identity_onnx((1, 4, 8, 8)), (1, 4, 8, 8), _device("x"))
+    assert timing.runs == 50 and timing.series == 1 and timing.warmup_runs >= FAST.min_warmup_runs
+    assert 0 < timing.median_ms < 50 and timing.iqr_ms >= 0 and timing.clock == "wall"
+    assert timing.median_ms == pytest.approx(timing.wall_median_ms)
+
+    # The thread clock counts the CPU time of the inference thread only: not more than the elapsed time.
+    import torch
+
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1)
+    on_cpu = replace(_device("x"), protocol=replace(FAST, clock="thread"))
+    timing = measure_onnx(onnx_bytes(conv, (1, 16, 32, 32)), (1, 16, 32, 32), on_cpu)
+    assert timing.clock == "thread" and 0 < timing.median_ms <= timing.wall_median_ms * 1.1
+
+
+# ---- fitting ----------------------------------------------------------------------------------------------
+def test_calibration_fit_recovers_a_known_linear_relation(tiny):
+    """measured = 0.6 * sum(LUT) + 0.25 exactly: calibrating the LUT model must find kappa=0.6, epsilon=0.25."""
+    catalogue = collect_block_configs(tiny, patience=30, show_progress=False)
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"key": list(catalogue.blocks), "latency_ms": rng.uniform(0.1, 2.0, len(catalogue.blocks))})
+    for name in FEATURES:
+        table[f"f_{name}"] = rng.uniform(0, 1, len(table))
+    lut = dict(zip(table["key"], table["latency_ms"]))
+    archs = [tiny.space.sample(rng) for _ in range(10)]
+    measured = [0.6 * sum(lut[b.key] for b in tiny.blocks(a)) + 0.25 for a in archs]
+
+    model = LutLatencyModel(tiny, table)
+    fitted = model.calibrate(archs, measured)
+    assert fitted.slope == pytest.approx(0.6, rel=1e-9) and fitted.intercept == pytest.approx(0.25, abs=1e-9)
+    assert model.predict(archs[3]) == pytest.approx(measured[3], rel=1e-9)
+    assert not model.missing_keys
+
+    noisy = Affine.fit([1, 2, 3, 4, 5, 6], [2.9, 5.1, 7.0, 9.05, 10.9, 13.1])  # y = 2x + 1 with noise
+    assert noisy.slope == pytest.approx(2.0, abs=0.05) and noisy.intercept == pytest.approx(1.0, abs=0.2)
+
+
+def test_block_linear_model_recovers_operator_costs():
+    """Seed 001 eq. 6: latency = sum of non-negative per-operator coefficients times operator costs."""
+    rng = np.random.default_rng(1)
+    feats = pd.DataFrame(rng.uniform(0, 1e6, (200, len(FEATURES))), columns=list(FEATURES))
+    true = {"conv_macs": 2e-6, "dwconv_macs": 5e-6, "act_elems": 1e-6, "n_ops": 3e-3}
+    y = sum(feats[k] * v for k, v in true.items()) + 0.01
+    model = BlockLinearModel.fit(feats, y)
+    for name in FEATURES:
+        assert model.coef[name] == pytest.approx(true.get(name, 0.0), abs=1e-9)
+    assert model.intercept == pytest.approx(0.01, abs=1e-6)
+
+
+def test_block_keys_hook_is_used_only_when_it_agrees_with_blocks(tiny):
+    """A family's cheap `block_keys(arch)` hook replaces building modules, unless it disagrees with blocks()."""
+    from raynas.hw.latency import BlockIndex
+
+    class Counting(type(tiny)):
+        built = 0
+
+        def blocks(self, arch, resolution=None):
+            Counting.built += 1
+            return super().blocks(arch, resolution)
+
+        def block_keys(self, arch, resolution=None):
+            return [b.key for b in super().blocks(arch, resolution)]
+
+    class Lying(Counting):
+        def block_keys(self, arch, resolution=None):
+            return ["nonsense"]
+
+    from raynas.hw.features import block_features
+
+    catalogue = collect_block_configs(tiny, patience=30, show_progress=False)
+    known = {k: block_features(b.module, b.in_shape) for k, b in catalogue.blocks.items()}
+    rng = np.random.default_rng(2)
+    archs = list(dict.fromkeys(tiny.space.sample(rng) for _ in range(8)))
+    # A trusted hook: blocks() runs once, to check it on the first arch. A lying one: blocks() for every arch.
+    for cls, expected_builds in ((Counting, 1), (Lying, len(archs))):
+        net = cls(tiny.space).eval()
+        Counting.built = 0
+        index = BlockIndex(net, known)
+        for arch in archs:
+            assert index.keys(arch) == [b.key for b in tiny.blocks(arch)]
+        assert Counting.built == expected_builds, cls.__name__
+
+
+def test_family_enumerator_is_verified_then_trusted(tiny):
+    """`block_variants(resolution)` lists the blocks; a few sampled subnets check it, sampling covers gaps."""
+    catalogue = collect_block_configs(tiny, patience=30, show_progress=False)
+    everything = list(catalogue.blocks.values())
+
+    class Enumerating(type(tiny)):
+        share = 1.0
+
+        def block_variants(self, resolution=None):
+            return everything[:int(len(everything) * self.share)]
+
+    net = Enumerating(tiny.space).eval()
+    complete = collect_block_configs(net, patience=30, verify=5, show_progress=False)
+    assert set(complete.blocks) == set(catalogue.blocks) and complete.from_hook == len(everything)
+    assert complete.archs_scanned == 5  # verified, then trusted
+
+    net.share = 0.5
+    partial = collect_block_configs(net, patience=30, verify=5, show_progress=False)
+    assert set(partial.blocks) == set(catalogue.blocks) and partial.archs_scanned > 30  # fell back to sampling
+
+
+# ---- Ray: pinning, missing device, LUT ------------------------------------------------------------------
+def test_profiler_for_device_b_runs_on_b_node(two_nodes):
+    from raynas.hw.remote import start_profiler
+
+    for name, node in (("b", two_nodes["worker"]), ("a", two_nodes["head"])):
+        profiler = start_profiler(_device(name))
+        try:
+            assert profiler.node["node_id"] == node
+            record = profiler.actor.measure.remote([("id", identity_onnx((1, 3, 4, 4)), (1, 3, 4, 4))])
+            import ray
+
+            (record,) = ray.get(record)
+            assert record["node_id"] == node and record["runs"] == 50 and record["median_ms"] > 0
+        finally:
+            profiler.stop()
+    assert two_nodes["head"] != two_nodes["worker"]
+
+
+def test_missing_device_fails_within_seconds(two_nodes):
+    from raynas.hw.remote import start_profiler
+
+    t0 = time.monotonic()
+    with pytest.raises(DeviceNotPresent) as err:
+        start_profiler(_device("c"))
+    assert time.monotonic() - t0 < 10
+    message = str(err.value)
+    assert "device 'c'" in message and "device:c" in message and "['a', 'b']" in message
+
+
+def test_lut_build_on_two_devices_in_parallel(two_nodes, tiny, tmp_path):
+    from raynas.hw.remote import start_profiler
+
+    profilers = [start_profiler(_device(n)) for n in ("a", "b")]
+    try:
+        rows, meta = build_lut(tiny, profilers, patience=30, passes=2, show_progress=False)
+        catalogue = collect_block_configs(tiny, patience=30, show_progress=False)
+        for p, node in zip(profilers, (two_nodes["head"], two_nodes["worker"])):
+            group = rows[rows["device"] == p.device.name]
+            assert set(group["key"]) == set(catalogue.blocks) and len(group) == len(catalogue.blocks)
+            assert (group["node_id"] == node).all()
+            assert (group["median_ms"] > 0).all() and (group["latency_ms"] >= 0).all()
+            assert (group["runs"] >= 50).all() and (group["f_n_ops"] > 0).all()
+            assert (group["passes"] == 2).all() and (group["pass_spread"] >= 0).all()
+            info = meta[TableKey.of(tiny, p.device).id]
+            assert info["measured"] == len(group) and info["reused"] == 0 and info["build_s"] > 0
+
+        path = tmp_path / "lut.parquet"
+        write_lut(path, rows, meta)
+        table, stored = read_lut(path)
+        assert len(table) == len(rows) and set(stored) == set(meta)
+
+        again, meta2 = build_lut(tiny, profilers, table, stored, patience=30, show_progress=False)
+        assert all(m["measured"] == 0 and m["reused"] == len(catalogue.blocks) for m in meta2.values())
+        assert all(m2["build_s"] == meta[k]["build_s"] for k, m2 in meta2.items())
+    finally:
+        for p in profilers:
+            p.stop()
+
+    # Another protocol is another measurement: nothing is reused.
+    slower = start_profiler(replace(_device("a"), protocol=replace(FAST, runs=60)))
+    try:
+        rows3, meta3 = build_lut(tiny, [slower], table, stored, patience=30, show_progress=False)
+    finally:
+        slower.stop()
+    assert meta3[TableKey.of(tiny, slower.device).id]["measured"] == len(catalogue.blocks)
+    assert (rows3["runs"] == 60).all()
+
+    # The stored table serves every model through the one loader search uses.
+    key = TableKey.of(tiny, _device("a"))
+    record = {"n": 2, "archs": [], "models": {k: {"calibration": {"slope": 2.0, "intercept": 0.5}}
+                                             for k in ("lut", "linear", "flops", "params")}}
+    save_calibration(tmp_path / "lut.calibration.json", key, record)
+    arch = tiny.space.max_arch()
+    on_a = table[table["device"] == "a"]
+    lut_sum = sum(dict(zip(on_a["key"], on_a["latency_ms"]))[b.key] for b in tiny.blocks(arch))
+    devices_file = tmp_path / "devices.yaml"
+    devices_file.write_text(yaml.safe_dump({"devices": {"a": {}}}))
+    for kind, cls in (("lut", LutLatencyModel), ("linear", LinearLatencyModel), ("flops", ProxyLatencyModel),
+                      ("params", ProxyLatencyModel)):
+        model = load_latency_model(kind, path, supernet=tiny, device="a", devices_file=devices_file)
+        assert isinstance(model, cls) and model.kind == kind
+        assert model.predict(arch) == pytest.approx(2.0 * model.raw(arch) + 0.5)
+        assert model.predict(arch) > 0.5
+        if kind == "lut":
+            assert model.raw(arch) == pytest.approx(lut_sum)
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------
+def _raynas(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "raynas.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_cli_lut_and_validate_json(two_nodes, tiny_yaml, devices_yaml, tmp_path, capsys):
+    from raynas.cli import main
+
+    common = ["--space", str(tiny_yaml), "--device", "b", "--devices-file", str(devices_yaml),
+              "--address", two_nodes["address"], "--quiet"]
+    lut = tmp_path / "lut.parquet"
+    assert main(["profile", "lut", *common, "--out", str(lut), "--patience", "30"]) == 0  # in-process: faster
+    info = json.loads(capsys.readouterr().out)
+    assert info["device"] == "b" and info["node_id"] == two_nodes["worker"] and info["blocks"] == 10
+
+    # `validate` as a user runs it: a separate process connecting to the cluster
+    done = _raynas("profile", "validate", *common, "--lut", str(lut), "-n", "6", "--calibration-n", "4",
+                   "--seed", "3", "--json", "--save", str(tmp_path / "rows.parquet"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    schema = {"n": int, "spearman": float, "mape": float, "within10": float, "flops_spearman": float,
+              "params_spearman": float, "calibration_n": int, "lut_build_s": float}
+    for key, kind in schema.items():
+        assert isinstance(summary[key], kind), (key, summary[key])
+    assert summary["n"] == 6 and summary["calibration_n"] == 4 and summary["device"] == "b"
+    assert -1 <= summary["spearman"] <= 1 and 0 <= summary["within10"] <= 1 and summary["mape"] >= 0
+    assert set(summary["models"]) == {"lut", "linear", "flops", "params"}
+    calibration = json.loads((tmp_path / "lut.calibration.json").read_text())
+    (group,) = calibration["groups"].values()
+    held_out = pd.read_parquet(tmp_path / "rows.parquet")
+    assert len(held_out) == 6 and not set(held_out["arch"]) & {json.dumps(a, separators=(",", ":"))
+                                                             for a in group["archs"]}
+
+
+
+def test_cli_absent_device_is_a_one_line_error(two_nodes, tiny_yaml, devices_yaml, tmp_path, capsys):
+    from raynas.cli import main
+
+    t0 = time.monotonic()
+    code = main(["profile", "lut", "--space", str(tiny_yaml), "--device", "c", "--devices-file", str(devices_yaml),
+                 "--address", two_nodes["address"], "--out", str(tmp_path / "lut.parquet"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and time.monotonic() - t0 < 30
+    assert err.count("\n") == 0 and "device 'c'" in err and "['a', 'b']" in err
+    assert main(["profile", "lut", "--space", str(tiny_yaml), "--device", "nowhere", "--devices-file",
+                 str(devices_yaml), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "'nowhere'" in capsys.readouterr().err and not (tmp_path / "x.parquet").exists()
+
+
+def test_pipeline_profiles_every_device_present(two_nodes, tiny_yaml, devices_yaml, tmp_path, capsys):
+    """pipelines/profile_devices.py (what `ray job submit` runs), here in-process against the two-node cluster."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_devices", REPO / "pipelines" / "profile_devices.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    code = pipeline.main(["--spaces", str(tiny_yaml), "--out", str(tmp_path), "--devices-file", str(devices_yaml),
+                          "--address", two_nodes["address"], "--calibration-n", "3", "--patience", "30"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["devices"] == ["a", "b"]  # c is declared but on no node
+    assert summary["nodes"]["a"]["node_id"] == two_nodes["head"]
+    assert summary["nodes"]["b"]["node_id"] == two_nodes["worker"]
+    per_device = summary["spaces"]["tiny-mbv3"]
+    assert set(per_device) == {"a", "b"} and all(d["blocks"] == 10 and d["calibration_n"] == 3
+                                                 for d in per_device.values())
+    table, meta = read_lut(tmp_path / "tiny-mbv3.lut.parquet")
+    assert sorted(set(table["device"])) == ["a", "b"] and len(meta) == 2
+    calibration = json.loads((tmp_path / "tiny-mbv3.lut.calibration.json").read_text())
+    assert len(calibration["groups"]) == 2
