@@ -7,7 +7,8 @@
 For each space on the device: build (or reuse, from --out) the per-block LUT, calibrate every model on
 `--calibration-n` measured subnets, measure `--validate-n` other random subnets and print the
 `raynas profile validate` figures of every model (Spearman, MAPE %, share within +-10%), one JSON object
-per space, then a Markdown table. Measured, never part of the test run.
+per space (also saved as <out>/<space>@<res>.summary.json), then a Markdown table. Measured, never part of
+the test run.
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ def run(args) -> list[dict]:
                 f"{os.cpu_count()} cores, onnxruntime {ort.__version__}, {device.threads} thread(s)")
             print(json.dumps(summary), flush=True)
             results.append(summary)
+            (out / f"{tag}.summary.json").write_text(json.dumps(summary, indent=1))
     finally:
         profiler.stop()
-    (out / "latency_models.json").write_text(json.dumps(results, indent=1))
     return results
 
 
