@@ -46,7 +46,8 @@ def run(args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = get_device(args.device, args.devices_file)
-    overrides = {k: v for k, v in (("repeats", args.repeats), ("warmup_s", args.warmup_s)) if v is not None}
+    overrides = {k: v for k, v in (("repeats", args.repeats), ("warmup_s", args.warmup_s),
+                                   ("min_run_s", args.min_run_s)) if v is not None}
     if overrides:
         device = replace(device, protocol=replace(device.protocol, **overrides).validate("protocol"))
     init_local_ray(address=args.address)
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=1, help="LUT measurement passes (median kept)")
     parser.add_argument("--repeats", type=int, help="override the device protocol's repeats")
     parser.add_argument("--warmup-s", type=float, help="override the device protocol's warm-up seconds")
+    parser.add_argument("--min-run-s", type=float, help="override the device protocol's least timed seconds")
     parser.add_argument("--out", default="runs/bench_latency", help="LUTs, calibrations and results (reused)")
     parser.add_argument("--fresh", action="store_true", help="rebuild LUTs and calibrations from scratch")
     parser.add_argument("--recalibrate", action="store_true", help="reuse LUTs but measure a new calibration")

@@ -255,3 +255,23 @@ def test_training_step_touches_only_the_active_slices():
     assert dw[:hidden, :, 2:5, 2:5].abs().sum() > 0  # the centre 3x3 of the 7x7 kernel
     assert dw[hidden:].abs().sum() == 0 and dw[:, :, 0].abs().sum() == 0
     assert net.stages[2][1].dw_conv.weight.grad is None  # beyond depth 1: not run
+
+
+def test_expansion_one_keeps_the_shared_expand_conv():
+    """A searched block at expansion 1 still runs its (square) expand conv, so the depthwise weights it
+    shares with expansions 2..6 read the same kind of input; the fixed first block has no expand conv."""
+    torch.manual_seed(0)
+    space = load_space(SPACE, resolution=32, num_classes=10)
+    net = build_supernet(space)
+    arch = space.min_arch()
+    plan = net.plan(arch)
+    assert all(p.expand == 1 and p.has_expand for p in plan.blocks)
+    assert not plan.stem.first_block.has_expand
+    block = net.blocks(arch, stem=False, head=False)[0]
+    expand = block.module.expand
+    assert isinstance(expand, torch.nn.Sequential) and expand[0].weight.shape[:2] == (plan.blocks[0].in_ch,) * 2
+    # Gradients of an expansion-1 step reach the expand conv's square top-left slice only.
+    net.train()(torch.randn(2, 3, 32, 32), arch).sum().backward()
+    grad = net.stages[0][0].expand_conv.weight.grad
+    c = plan.blocks[0].in_ch
+    assert grad[:c, :c].abs().sum() > 0 and grad[c:].abs().sum() == 0

@@ -311,4 +311,7 @@ def load_latency_model(kind: str, lut: str | Path, space: str | Path | None = No
     table, _ = load_group(lut, key)
     if kind == "lut":
         return LutLatencyModel(supernet, table, affine)
+    stored = record["models"]["linear"].get("block_model") if record else None
+    if stored:  # the block model the calibration was fitted with, even if the table grew since
+        return LinearLatencyModel(supernet, BlockLinearModel(**stored), table_features(table), affine)
     return LinearLatencyModel.from_table(supernet, table, affine)

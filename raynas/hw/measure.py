@@ -68,17 +68,17 @@ def time_session(session: ort.InferenceSession, feed: dict[str, np.ndarray],
     best: Timing | None = None
     thread_clock = protocol.clock == "thread"
     for series in range(1, protocol.repeats + 1):
-        wall = np.empty(protocol.runs)
-        cpu = np.empty(protocol.runs)
-        for i in range(protocol.runs):
+        wall, cpu = [], []
+        deadline = time.perf_counter() + protocol.min_run_s
+        while len(wall) < protocol.runs or time.perf_counter() < deadline:
             c0 = time.thread_time_ns()
             t0 = time.perf_counter_ns()
             session.run(None, feed)
-            wall[i] = time.perf_counter_ns() - t0
-            cpu[i] = time.thread_time_ns() - c0
-        samples = (cpu if thread_clock else wall) / 1e6
+            wall.append(time.perf_counter_ns() - t0)
+            cpu.append(time.thread_time_ns() - c0)
+        samples = np.asarray(cpu if thread_clock else wall, dtype=float) / 1e6
         q1, median, q3 = np.percentile(samples, [25, 50, 75])
-        timing = Timing(float(median), float(q3 - q1), protocol.runs, series, warmup_runs,
+        timing = Timing(float(median), float(q3 - q1), len(samples), series, warmup_runs,
                         float(np.median(wall) / 1e6), protocol.clock)
         if best is None or timing.rel_iqr < best.rel_iqr:
             best = timing

@@ -341,7 +341,7 @@ class MBV3Supernet(Supernet):
         first_hidden = ch.stem * st.first_expand
         first = BlockPlan(ch.stem, ch.first, st.first_expand, st.first_kernel, 1,
                           st.se_mid(first_hidden) if st.first_se else 0, st.first_act,
-                          st.stem_channels == st.first_channels, hw)
+                          st.stem_channels == st.first_channels, hw, has_expand=st.first_expand > 1)
         stem = StemPlan(self.space.in_channels, ch.stem, st.stem_kernel, st.stem_stride, st.stem_act,
                         run_res, first)
         slots, blocks, in_ch, slot = [], [], ch.first, 0
@@ -353,7 +353,7 @@ class MBV3Supernet(Supernet):
                     stride = spec.stride if j == 0 else 1
                     p = BlockPlan(in_ch, out_ch, expand, arch[stage_dim(s, "kernel", j)], stride,
                                   st.se_mid(in_ch * expand) if spec.se else 0, spec.act,
-                                  j > 0 or st.stage_residual_first(s), hw)
+                                  j > 0 or st.stage_residual_first(s), hw, has_expand=max(spec.expands) > 1)
                     slots.append(slot)
                     blocks.append(p)
                     in_ch, hw = out_ch, p.out_hw

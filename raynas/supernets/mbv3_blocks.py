@@ -31,8 +31,12 @@ def conv_out(size: int, stride: int) -> int:
 # ---- resolved plans ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BlockPlan:
-    """One inverted-residual block with all sizes resolved. `se_mid == 0` means no squeeze-excite;
-    `expand == 1` means no expansion conv (MobileNetV3 / OFA convention)."""
+    """One inverted-residual block with all sizes resolved. `se_mid == 0` means no squeeze-excite.
+
+    `has_expand` says whether the block owns an expansion conv: a searched block does (OFA keeps the
+    1x1 conv at expansion 1, as a square in_ch -> in_ch conv, so the depthwise weights it shares with
+    expansions 2..6 always read an expanded representation); only a block fixed at expansion 1, such
+    as MobileNetV3's first block, has none and feeds its input straight to the depthwise conv."""
 
     in_ch: int
     out_ch: int
@@ -43,6 +47,7 @@ class BlockPlan:
     act: str
     residual: bool
     in_hw: int
+    has_expand: bool = True
 
     @property
     def hidden(self) -> int:
@@ -56,7 +61,8 @@ class BlockPlan:
     def key(self) -> str:
         se = f"se{self.se_mid}" if self.se_mid else "nose"
         res = "res" if self.residual else "nores"
-        return (f"mbv3.ir:in{self.in_ch}x{self.in_hw}x{self.in_hw}:e{self.expand}:k{self.kernel}"
+        expand = f"e{self.expand}" if self.has_expand else "noexp"
+        return (f"mbv3.ir:in{self.in_ch}x{self.in_hw}x{self.in_hw}:{expand}:k{self.kernel}"
                 f":s{self.stride}:out{self.out_ch}:{se}:{self.act}:{res}")
 
 
@@ -108,7 +114,7 @@ def _conv(cin: int, cout: int, k: int, out_hw: int, groups: int = 1, bias: bool 
 def block_cost(p: BlockPlan) -> tuple[int, int]:
     params = macs = 0
     parts = []
-    if p.expand != 1:
+    if p.has_expand:
         parts.append(_conv(p.in_ch, p.hidden, 1, p.in_hw))
         params += 2 * p.hidden  # BN affine
     parts.append(_conv(p.hidden, p.hidden, p.kernel, p.out_hw, groups=p.hidden))
@@ -200,8 +206,8 @@ class DynamicInvertedResidual(nn.Module):
     """Inverted-residual block whose expansion, kernel, in/out width are chosen per forward.
 
     Every choice slices the one largest weight (OFA weight entanglement: smaller kernels are the
-    centre of the largest, fewer channels are a prefix). Expansion 1 skips the expand conv, so the
-    depthwise conv then reads the block input directly (as MobileNetV3's first block does).
+    centre of the largest, fewer channels are a prefix). A block built without an expand conv (its
+    only expansion is 1, as MobileNetV3's first block) feeds its input to the depthwise conv directly.
     """
 
     def __init__(self, max_in: int, max_out: int, max_hidden: int, max_kernel: int, stride: int,
@@ -220,7 +226,7 @@ class DynamicInvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor, p: BlockPlan) -> torch.Tensor:
         h = x
-        if p.expand != 1:
+        if p.has_expand:
             h = self.act(self.expand_bn(self.expand_conv(h, p.hidden)))
         h = self.act(self.dw_bn(self.dw_conv(h, kernel_size=p.kernel)))
         if p.se_mid:
@@ -231,7 +237,7 @@ class DynamicInvertedResidual(nn.Module):
     @torch.no_grad()
     def static(self, p: BlockPlan) -> InvertedResidual:
         expand: nn.Module = nn.Identity()
-        if p.expand != 1:
+        if p.has_expand:
             expand = nn.Sequential(self.expand_conv.static(p.in_ch, p.hidden), self.expand_bn.static(p.hidden),
                                    make_activation(p.act))
         depthwise = nn.Sequential(self.dw_conv.static(p.hidden, kernel_size=p.kernel),
