@@ -118,6 +118,7 @@ def test_shipped_devices_file_declares_local_cpu():
     ({"devices": {"x": {"colour": 1}}}, "unknown field 'colour'"),
     ({"protocol": {"warmup_s": -1}, "devices": {"x": {}}}, "protocol.warmup_s"),
     ({"devices": {"x": {"protocol": {"clock": "sundial"}}}}, "devices.x.protocol.clock"),
+    ({"devices": {"x": {"protocol": {"min_run_s": -1}}}}, "devices.x.protocol.min_run_s"),
     ({"devices": {"x": {"threads": 2, "protocol": {"clock": "thread"}}}}, "devices.x.protocol.clock"),
 ])
 def test_devices_file_errors_name_the_field(cfg, field):
@@ -131,6 +132,11 @@ def test_measurement_follows_the_protocol():
     assert timing.runs == 50 and timing.series == 1 and timing.warmup_runs >= FAST.min_warmup_runs
     assert 0 < timing.median_ms < 50 and timing.iqr_ms >= 0 and timing.clock == "wall"
     assert timing.median_ms == pytest.approx(timing.wall_median_ms)
+
+    # A tiny model keeps being timed until `min_run_s` has passed, far beyond the 50 runs.
+    longer = replace(_device("x"), protocol=replace(FAST, min_run_s=0.05))
+    timing = measure_onnx(identity_onnx((1, 4, 8, 8)), (1, 4, 8, 8), longer)
+    assert timing.runs > 50 and timing.runs * timing.wall_median_ms >= 0.5 * 50
 
     # The thread clock counts the CPU time of the inference thread only: not more than the elapsed time.
     import torch

@@ -79,6 +79,17 @@ def test_algorithms_respect_constraints_and_budget(name, supernet, tmp_path):
         assert (survivors <= 0).all()
 
 
+@pytest.mark.parametrize("seed_extremes", [True, False])
+def test_nsga2_first_generation_is_anchored_at_both_ends(supernet, tmp_path, seed_extremes):
+    space = supernet.space
+    algo = build_algorithm("nsga2", make_ctx(supernet), budget=12, population=12, seed_extremes=seed_extremes)
+    records = run_search(algo, local_evaluator([]), ResultStore(tmp_path / "ev"), progress=lambda m: None)
+    first = {r["arch"] for r in records if r["generation"] == 0}
+    assert len(first) == 12
+    extremes = {space.min_arch().to_json(), space.max_arch().to_json()}
+    assert (extremes <= first) == seed_extremes
+
+
 def test_guided_search_beats_its_first_generation(supernet, tmp_path):
     """Evolution must improve on the random population it starts from (it learns from told results)."""
     ctx = make_ctx(supernet)

@@ -35,8 +35,9 @@ from raynas.biglittle.routers import PRE, Router, build_router
 from raynas.errors import ConfigError
 from raynas.space import Arch, SearchSpace
 from raynas.supernets.base import Block, Supernet
+from raynas.supernets.checkpoint import COUPLED_MARKER
 
-CONFIG_BUFFER = "biglittle_config"
+CONFIG_BUFFER = COUPLED_MARKER
 FORMAT = "raynas-biglittle/1"
 
 

@@ -259,7 +259,9 @@ def init_local_ray(devices: Iterable[str] = (DEFAULT_DEVICE,), address: str | No
 
     if ray.is_initialized():
         return False
-    kwargs.setdefault("include_dashboard", False)
+    # The dashboard serves the State API, through which Ray Train watches its controller; without it
+    # Train's placement-group cleaner logs a warning every second of a training run.
+    kwargs.setdefault("include_dashboard", True)
     kwargs.setdefault("log_to_driver", False)
     if address or os.environ.get("RAY_ADDRESS"):
         try:

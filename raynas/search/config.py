@@ -14,7 +14,7 @@ LATENCY_MODELS = ("lut", "linear", "flops", "params")
 
 # Algorithm keyword arguments a user may set (name -> allowed keys).
 ALGORITHM_PARAMS = {
-    "nsga2": ("population", "crossover_prob", "crossover_eta", "mutation_eta"),
+    "nsga2": ("population", "crossover_prob", "crossover_eta", "mutation_eta", "seed_extremes"),
     "coarse-to-fine": ("coarse_samples", "population", "parents", "depth_prob", "block_prob"),
     "evolution": ("population", "parents", "gene_prob", "depth_prob", "crossover_fraction"),
     "scanedge": ("population", "parents", "gene_prob", "top_k", "momentum", "delta", "predictor_min_samples",

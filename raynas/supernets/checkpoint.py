@@ -16,6 +16,10 @@ class CheckpointError(UserError):
     pass
 
 
+# The state-dict buffer that marks a big/little coupled supernet (raynas.biglittle writes it).
+COUPLED_MARKER = "biglittle_config"
+
+
 def supernet_state(supernet: Supernet, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     from raynas.supernets import supernet_kwargs
 
@@ -64,10 +68,18 @@ def load_supernet(path: str | Path | bytes, **supernet_kwargs: Any) -> Supernet:
     from raynas.supernets import build_supernet
 
     state = read_checkpoint(path)
+    where = "<checkpoint bytes>" if isinstance(path, bytes) else path
+    if COUPLED_MARKER in state["model"]:
+        raise CheckpointError(f"checkpoint: {where} holds a big/little (coupled) supernet; use it with "
+                              "`raynas biglittle` / pipelines/biglittle.py, or train a single supernet")
     space = space_from_config(state["space_config"])
     kwargs = {**state.get("supernet_kwargs", {}), **supernet_kwargs}
     supernet = build_supernet(space, **kwargs)
-    supernet.load_state_dict(state["model"])
+    try:
+        supernet.load_state_dict(state["model"])
+    except RuntimeError as exc:  # weights of another build of the space (e.g. an edited YAML)
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise CheckpointError(f"checkpoint: {where} does not fit the supernet of space '{space.name}' ({first})") from None
     return supernet.eval()
 
 

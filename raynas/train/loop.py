@@ -279,8 +279,19 @@ class WorkerRun:
                           extra={"epoch": self.num_epochs, "strategy": self.strategy.name})
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every `report` call with its whole metrics dict at INFO, once per worker; our own
+    one-line epoch summary (`_progress_line`) says the same, so those logs are raised to WARNING."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names that logger by its file
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker. `config`: {"cfg", "run_dir", "num_classes", "resume_dir"}."""
+    _quiet_ray_train_reports()
     run = WorkerRun(config)
     run.restore(config.get("resume_dir"))
     run.run()

@@ -77,13 +77,14 @@ def plan_run(cfg: Mapping[str, Any]) -> RunPlan:
 
 
 def _ensure_ray(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
-    """Connect to the cluster (RAY_ADDRESS / a running one) or start a local one; check that a local
-    one can host the workers, since Ray Train would otherwise wait for resources forever."""
+    """Connect to the cluster (RAY_ADDRESS, e.g. under `ray job submit`) or start a fresh local one; check
+    that a local one can host the workers, since Ray Train would otherwise wait for resources forever."""
     import ray
 
-    if ray.is_initialized():
+    from raynas.hw.devices import init_local_ray
+
+    if not init_local_ray(log_to_driver=True):
         return
-    ray.init(log_to_driver=True)
     if len(ray.nodes()) == 1:  # a lone node: no autoscaler will bring more resources
         resources = ray.cluster_resources()
         if use_gpu and resources.get("GPU", 0) < num_workers:

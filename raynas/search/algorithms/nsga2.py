@@ -13,7 +13,6 @@ from pymoo.core.problem import Problem
 from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.mutation.pm import PM
 from pymoo.operators.repair.rounding import RoundingRepair
-from pymoo.operators.sampling.rnd import IntegerRandomSampling
 from pymoo.problems.static import StaticProblem
 
 from raynas.search.algorithms.base import Record, SearchAlgorithm, SearchContext
@@ -24,7 +23,7 @@ class NSGA2Search(SearchAlgorithm):
     name = "nsga2"
 
     def __init__(self, ctx: SearchContext, budget: int, population: int = 50, crossover_prob: float = 0.9,
-                 crossover_eta: float = 15.0, mutation_eta: float = 20.0):
+                 crossover_eta: float = 15.0, mutation_eta: float = 20.0, seed_extremes: bool = True):
         super().__init__(ctx, budget)
         space = ctx.space
         self.n_constr = len(ctx.constraints.violations({"latency_ms": 1.0, "params": 1, "macs": 1}))
@@ -32,13 +31,22 @@ class NSGA2Search(SearchAlgorithm):
                                xl=np.zeros(len(space.dims)), xu=space.upper_bounds.astype(float), vtype=int)
         self.algorithm = NSGA2(
             pop_size=population,
-            sampling=IntegerRandomSampling(),
+            sampling=self._initial_population(population, seed_extremes),
             crossover=SBX(prob=crossover_prob, eta=crossover_eta, vtype=float, repair=RoundingRepair()),
             mutation=PM(eta=mutation_eta, vtype=float, repair=RoundingRepair()),
             eliminate_duplicates=True,
         )
         self.algorithm.setup(self.problem, seed=ctx.seed, verbose=False)
         self._pending = None
+
+    def _initial_population(self, population: int, seed_extremes: bool) -> np.ndarray:
+        """Uniform random genomes; with `seed_extremes` the first two are the smallest and largest subnets,
+        the two the sandwich rule trains at every step, so the front starts anchored at both ends."""
+        space = self.ctx.space
+        genomes = self.ctx.rng(salt=1).integers(0, space.upper_bounds + 1, size=(population, len(space.dims)))
+        if seed_extremes and population >= 2:
+            genomes[0], genomes[1] = space.encode(space.min_arch()), space.encode(space.max_arch())
+        return genomes.astype(float)
 
     def _ask(self) -> list[Arch]:
         self._pending = self.algorithm.ask()
