@@ -168,6 +168,15 @@ def test_calibration_fit_recovers_a_known_linear_relation(tiny):
     noisy = Affine.fit([1, 2, 3, 4, 5, 6], [2.9, 5.1, 7.0, 9.05, 10.9, 13.1])  # y = 2x + 1 with noise
     assert noisy.slope == pytest.approx(2.0, abs=0.05) and noisy.intercept == pytest.approx(1.0, abs=0.2)
 
+    # Relative errors count, not absolute ones: one large subnet must not decide the line for small ones.
+    x = np.array([0.1, 0.2, 0.4, 0.8, 20.0])
+    fit = Affine.fit(x, 1.5 * x * np.array([1.0, 1.05, 0.95, 1.0, 1.2]))
+    assert all(abs(fit(a) / (1.5 * a) - 1) < 0.1 for a in x[:4])
+
+    # A line that would cross zero (negative epsilon) becomes a ratio through the origin: never a negative latency.
+    steep = Affine.fit([0.02, 0.1, 0.5, 1.0], [0.03, 0.16, 0.95, 2.0])
+    assert steep.intercept == 0.0 and steep.slope > 0 and steep(0.001) > 0
+
 
 def test_block_linear_model_recovers_operator_costs():
     """Seed 001 eq. 6: latency = sum of non-negative per-operator coefficients times operator costs."""
