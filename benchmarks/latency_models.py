@@ -71,11 +71,11 @@ def run(args) -> list[dict]:
             record = None if args.fresh or args.recalibrate else load_calibration(calib_file, key)
             t1 = time.perf_counter()
             if record is None:
-                record = calibrate(supernet, table, profiler, args.calibration_n, args.seed)
+                record = calibrate(supernet, table, profiler, args.calibration_n, args.seed, passes=args.passes)
                 save_calibration(calib_file, key, record)
             t2 = time.perf_counter()
             summary, per_arch = validate(supernet, table, record, profiler, args.validate_n, args.seed + 1,
-                                         lut_build_s=meta[key.id]["build_s"])
+                                         lut_build_s=meta[key.id]["build_s"], passes=args.passes)
             t3 = time.perf_counter()
             per_arch.to_parquet(out / f"{tag}.validation.parquet", index=False)
             summary.update(
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patience", type=int, default=300)
     parser.add_argument("--max-archs", type=int, default=3000)
-    parser.add_argument("--passes", type=int, default=1, help="LUT measurement passes (median kept)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="measurement passes of LUT, calibration and held-out subnets (median kept)")
     parser.add_argument("--repeats", type=int, help="override the device protocol's repeats")
     parser.add_argument("--warmup-s", type=float, help="override the device protocol's warm-up seconds")
     parser.add_argument("--min-run-s", type=float, help="override the device protocol's least timed seconds")

@@ -163,6 +163,14 @@ def test_plain_supernet_checkpoint_is_refused(space, tmp_path):
         load_coupled(path)
 
 
+def test_coupled_checkpoint_is_refused_as_a_plain_supernet(space, tmp_path):
+    from raynas.supernets.checkpoint import CheckpointError, load_supernet
+
+    path = save_coupled(CoupledSupernet(space, "nested"), tmp_path / "coupled.pt")
+    with pytest.raises(CheckpointError, match="big/little"):
+        load_supernet(path)
+
+
 # ---- the joint-loss strategy -------------------------------------------------------------------
 def _ctx(model):
     opt = {"main": torch.optim.AdamW(model.parameters(), lr=3e-3)}

@@ -59,9 +59,7 @@ def register(subparsers) -> None:
                    help="most subnets scanned for distinct blocks")
     p.add_argument("--patience", type=_positive("--patience"), default=300,
                    help="stop scanning after this many subnets in a row bring no new block")
-    p.add_argument("--passes", type=_positive("--passes"), default=1,
-                   help="measure every block this many times in shuffled orders, keep the median pass "
-                        "(steadier on a busy host)")
+    _passes(p, "block")
     p.add_argument("--force", action="store_true", help="measure every block again")
     p.set_defaults(func=cmd_lut)
 
@@ -69,6 +67,7 @@ def register(subparsers) -> None:
     _common(p, lut_required=True)
     p.add_argument("-n", type=_positive("-n"), default=10, help="end-to-end measured subnets (default 10)")
     p.add_argument("--out", help="calibration JSON (default: next to the LUT, <lut>.calibration.json)")
+    _passes(p, "subnet")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("validate", help="accuracy of every latency model on n held-out measured subnets")
@@ -79,10 +78,17 @@ def register(subparsers) -> None:
                    help="subnets measured to calibrate when no calibration exists yet (default 10)")
     p.add_argument("--save", help="write one row per held-out subnet (measured vs predicted) to this Parquet")
     p.add_argument("--json", action="store_true", help="print the JSON summary only")
+    _passes(p, "subnet")
     p.set_defaults(func=cmd_validate)
 
 
 # ---- shared plumbing ---------------------------------------------------------------------------------
+def _passes(parser, what: str) -> None:
+    parser.add_argument("--passes", type=_positive("--passes"), default=1,
+                        help=f"measure every {what} this many times in shuffled orders, keep the median pass "
+                             "(steadier on a busy host)")
+
+
 def _devices(args) -> list:
     from raynas.hw.devices import get_device
 
@@ -203,7 +209,8 @@ def cmd_calibrate(args) -> None:
     tables = {d.name: _group(args.lut, supernet, d)[0] for d in devices}
     out_path = Path(args.out) if args.out else calibration_path(args.lut)
     with _ray(args), _profilers(devices) as profilers:
-        records = calibrate_many(supernet, tables, profilers, args.n, args.seed, show_progress=not args.quiet)
+        records = calibrate_many(supernet, tables, profilers, args.n, args.seed, show_progress=not args.quiet,
+                                 passes=args.passes)
     out = []
     for d in devices:
         key, record = TableKey.of(supernet, d), records[d.name]
@@ -236,12 +243,12 @@ def cmd_validate(args) -> None:
             print(f"raynas: no calibration in {calib_path} for {[p.device.name for p in missing]}; "
                   f"measuring {args.calibration_n} subnets to make one", file=sys.stderr)
             made = calibrate_many(supernet, tables, missing, args.calibration_n, args.seed,
-                                  show_progress=not args.quiet)
+                                  show_progress=not args.quiet, passes=args.passes)
             for name, record in made.items():
                 save_calibration(calib_path, keys[name], record)
                 calibrations[name] = record
         results = validate_many(supernet, tables, calibrations, profilers, args.n, args.seed, build_s,
-                                show_progress=not args.quiet)
+                                show_progress=not args.quiet, passes=args.passes)
     if args.save:
         import pandas as pd
 

@@ -28,13 +28,14 @@ def subnet_onnx(supernet: Supernet, arch: Arch) -> tuple[bytes, tuple[int, ...]]
 
 
 def measure_subnets(supernet: Supernet, archs: Sequence[Arch], profilers: list[Profiler],
-                    show_progress: bool = True, desc: str = "subnets") -> dict[str, list[dict]]:
-    """Export each subnet to ONNX and time it end to end on every device; records in `archs` order."""
+                    show_progress: bool = True, desc: str = "subnets", passes: int = 1) -> dict[str, list[dict]]:
+    """Export each subnet to ONNX and time it end to end on every device; records in `archs` order.
+    `passes` > 1: each pass in a new order, the median pass kept per subnet (see `measure_on_devices`)."""
     def maker(arch: Arch):
         return lambda: subnet_onnx(supernet, arch)
 
     items = [(arch.to_json(), maker(arch)) for arch in archs]
-    return measure_on_devices(profilers, items, chunk=4, desc=desc, show_progress=show_progress)
+    return measure_on_devices(profilers, items, chunk=4, desc=desc, show_progress=show_progress, passes=passes)
 
 
 def calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
@@ -83,19 +84,19 @@ def fit_calibration(supernet: Supernet, table: pd.DataFrame, archs: Sequence[Arc
 
 
 def calibrate_many(supernet: Supernet, tables: dict[str, pd.DataFrame], profilers: list[Profiler], n: int = 10,
-                   seed: int = 0, show_progress: bool = True) -> dict[str, dict[str, Any]]:
+                   seed: int = 0, show_progress: bool = True, passes: int = 1) -> dict[str, dict[str, Any]]:
     """Measure the same `n` subnets end to end on every device at once and calibrate each device's models
     (seed 004 §3: ~10 subnets). `tables` maps device name -> its LUT group."""
     archs = calibration_archs(supernet.space, n, seed)
-    records = measure_subnets(supernet, archs, profilers, show_progress, desc="calibration subnets")
+    records = measure_subnets(supernet, archs, profilers, show_progress, desc="calibration subnets", passes=passes)
     return {p.device.name: fit_calibration(supernet, tables[p.device.name], archs, records[p.device.name], seed)
             for p in profilers}
 
 
 def calibrate(supernet: Supernet, table: pd.DataFrame, profiler: Profiler, n: int = 10, seed: int = 0,
-              show_progress: bool = True) -> dict[str, Any]:
+              show_progress: bool = True, passes: int = 1) -> dict[str, Any]:
     """`calibrate_many` for one device."""
-    return calibrate_many(supernet, {profiler.device.name: table}, [profiler], n, seed, show_progress)[
+    return calibrate_many(supernet, {profiler.device.name: table}, [profiler], n, seed, show_progress, passes)[
         profiler.device.name]
 
 
@@ -154,22 +155,22 @@ def summarize_validation(supernet: Supernet, table: pd.DataFrame, calibration: d
 
 def validate_many(supernet: Supernet, tables: dict[str, pd.DataFrame], calibrations: dict[str, dict],
                   profilers: list[Profiler], n: int = 100, seed: int = 0,
-                  lut_build_s: dict[str, float] | None = None, show_progress: bool = True
+                  lut_build_s: dict[str, float] | None = None, show_progress: bool = True, passes: int = 1
                   ) -> dict[str, tuple[dict[str, Any], pd.DataFrame]]:
     """Measure `n` random subnets that no device's calibration used, on every device at once, and compare
     each model's prediction with them. Returns per device: (summary, one row per subnet)."""
     used = {supernet.space.validate(a) for c in calibrations.values() for a in c["archs"]}
     archs = held_out_archs(supernet.space, n, seed, exclude=list(used))
-    records = measure_subnets(supernet, archs, profilers, show_progress, desc="held-out subnets")
+    records = measure_subnets(supernet, archs, profilers, show_progress, desc="held-out subnets", passes=passes)
     return {p.device.name: summarize_validation(
         supernet, tables[p.device.name], calibrations[p.device.name], p.device, archs, records[p.device.name],
         seed, (lut_build_s or {}).get(p.device.name)) for p in profilers}
 
 
 def validate(supernet: Supernet, table: pd.DataFrame, calibration: dict, profiler: Profiler, n: int = 100,
-             seed: int = 0, lut_build_s: float | None = None, show_progress: bool = True
+             seed: int = 0, lut_build_s: float | None = None, show_progress: bool = True, passes: int = 1
              ) -> tuple[dict[str, Any], pd.DataFrame]:
     """`validate_many` for one device: (the `raynas profile validate --json` object, rows per subnet)."""
     name = profiler.device.name
     return validate_many(supernet, {name: table}, {name: calibration}, [profiler], n, seed,
-                         {name: lut_build_s} if lut_build_s is not None else None, show_progress)[name]
+                         {name: lut_build_s} if lut_build_s is not None else None, show_progress, passes)[name]

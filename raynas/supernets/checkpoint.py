@@ -79,7 +79,8 @@ def load_supernet(path: str | Path | bytes, **supernet_kwargs: Any) -> Supernet:
         supernet.load_state_dict(state["model"])
     except RuntimeError as exc:  # weights of another build of the space (e.g. an edited YAML)
         first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-        raise CheckpointError(f"checkpoint: {where} does not fit the supernet of space '{space.name}' ({first})") from None
+        raise CheckpointError(
+            f"checkpoint: {where} does not fit the supernet of space '{space.name}' ({first})") from None
     return supernet.eval()
 
 
