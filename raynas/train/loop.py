@@ -284,8 +284,10 @@ def _quiet_ray_train_reports() -> None:
     one-line epoch summary (`_progress_line`) says the same, so those logs are raised to WARNING."""
     import logging
 
-    from ray.train.v2._internal.execution import context
-
+    try:  # a private module: if a Ray release moves it, the logs stay as they are
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names that logger by its file
 
 
