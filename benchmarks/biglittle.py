@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,7 +51,7 @@ from raynas.biglittle.metrics import (  # noqa: E402
     tau_curve,
 )
 from raynas.biglittle.routers import ConfidenceRouter, DifficultyRouter  # noqa: E402
-from raynas.data import build_dataset  # noqa: E402
+from raynas.data import Batches, Normalizer, eval_dataset, normalization  # noqa: E402
 from raynas.supernets.checkpoint import load_supernet  # noqa: E402
 from raynas.train.bn import recalibrate_bn  # noqa: E402
 
@@ -207,14 +206,13 @@ def main(argv=None) -> int:
     log("evaluating")
     space = load_supernet(big_path).space
     data = eval_data(DATA, space.resolution, space.in_channels, args.bn_samples)
-    train_loader = DataLoader(build_dataset(DATA, "train", space.resolution, in_channels=space.in_channels,
-                                            augment=False), batch_size=256)
+    train_loader = Batches(eval_dataset(DATA, "train", space.resolution, space.in_channels), 256, "cpu",
+                           Normalizer(*normalization(DATA, space.in_channels)))
     reference = CoupledSupernet(space, "nested", router="confidence").eval()  # standalone costs of the two archs
     calib_archs = [space.min_arch(), space.max_arch()] + [space.sample(np.random.default_rng(i)) for i in range(4)]
     latency = PieceLatency(calibrated_proxy_latency(reference.big_net, calib_archs))
     costs_ind = PairCostModel(reference, latency).costs(reference.pair_space.extreme_pair())
-    labels = data.val_loader.dataset
-    pred_ind = PairPredictions(np.array([int(labels[i][1]) for i in range(len(labels))]),
+    pred_ind = PairPredictions(np.concatenate([y.numpy() for _, y in data.val_loader]),
                                independent_logits(big_path, "max", data), independent_logits(little_path, "min", data))
 
     curves = {"independent + confidence": tau_curve(pred_ind, default_taus(pred_ind, 25), costs_ind)}

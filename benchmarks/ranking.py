@@ -35,7 +35,7 @@ import torch
 import yaml
 from scipy.stats import kendalltau, spearmanr
 
-from raynas.data import build_dataset, shard_loader
+from raynas.data import Batches, EpochBatches, Normalizer, eval_dataset, normalization, train_dataset, train_feed_info
 from raynas.space import Arch, load_space
 from raynas.supernets import build_supernet
 from raynas.train.bn import evaluate_subnet
@@ -111,20 +111,25 @@ def pick_archs(space, count: int, seed: int) -> list[Arch]:
 
 
 class Data:
-    def __init__(self, cfg: dict[str, Any], space):
-        data = cfg["data"]
-        r, c = space.resolution, space.in_channels
-        self.train = build_dataset(data, "train", r, in_channels=c)
-        self.val = build_dataset(data, "val", r, in_channels=c)
-        self.bn = build_dataset(data, "train", r, in_channels=c, augment=False)
-        self.batch_size, self.eval_batch_size = data["batch_size"], data["eval_batch_size"]
+    """The benchmark's data, through Ray Data as in training (raynas.data), read by this one process."""
 
-    def train_loader(self, seed: int):
-        return shard_loader(self.train, self.batch_size, shuffle=True, seed=seed, drop_last=True)
+    def __init__(self, cfg: dict[str, Any], space):
+        self.cfg = cfg["data"]
+        self.resolution, self.channels = space.resolution, space.in_channels
+        self.normalize = Normalizer(*normalization(self.cfg, self.channels))
+        eval_batch = self.cfg["eval_batch_size"]
+        self.bn = Batches(eval_dataset(self.cfg, "train", self.resolution, self.channels), eval_batch, "cpu",
+                          self.normalize)
+        self.val = Batches(eval_dataset(self.cfg, "val", self.resolution, self.channels), eval_batch, "cpu",
+                           self.normalize)
+
+    def train_batches(self, seed: int) -> EpochBatches:
+        """Full batches of the training split, in a new seeded order (and augmentation) each epoch."""
+        dataset = train_dataset(self.cfg, self.resolution, self.channels, seed=seed)
+        return EpochBatches(dataset, train_feed_info(dataset.context), self.cfg["batch_size"], "cpu", self.normalize)
 
     def eval_loaders(self):
-        return (shard_loader(self.bn, self.eval_batch_size, shuffle=False),
-                shard_loader(self.val, self.eval_batch_size, shuffle=False))
+        return self.bn, self.val
 
 
 def train_supernet(cfg: dict[str, Any], space, data: Data) -> tuple[torch.nn.Module, float]:
@@ -133,21 +138,20 @@ def train_supernet(cfg: dict[str, Any], space, data: Data) -> tuple[torch.nn.Mod
     supernet = build_supernet(space, **cfg["supernet"])
     strategy = build_strategy(cfg["strategy"], space, cfg["seed"])
     module = strategy.prepare_model(supernet)
-    loader = data.train_loader(cfg["seed"])
+    batches = data.train_batches(cfg["seed"])
     optimizers = strategy.configure_optimizers(module, optimizer_factory(cfg["optimizer"]))
-    schedulers = [build_scheduler(o, cfg["scheduler"], len(loader), cfg["epochs"]) for o in optimizers.values()]
+    schedulers = [build_scheduler(o, cfg["scheduler"], batches.steps, cfg["epochs"]) for o in optimizers.values()]
     ctx = StepContext(module, module, optimizers, device=torch.device("cpu"), amp_dtype=None,
                       scaler=torch.amp.GradScaler("cpu", enabled=False), label_smoothing=cfg["label_smoothing"],
                       grad_clip=cfg["optimizer"]["grad_clip"], world_size=1)
-    ctx.steps_per_epoch, ctx.num_epochs = len(loader), cfg["epochs"]
+    ctx.steps_per_epoch, ctx.num_epochs = batches.steps, cfg["epochs"]
     started = time.perf_counter()
     for epoch in range(cfg["epochs"]):
-        loader.sampler.set_epoch(epoch)
         strategy.on_epoch_start(epoch, cfg["epochs"])
         module.train()
         ctx.epoch = epoch
         losses = []
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y) in enumerate(batches.epoch(epoch)):
             ctx.step = step
             losses.append(strategy.train_step(x, y, ctx)["loss"])
             for sched in schedulers:
@@ -162,12 +166,11 @@ def train_standalone(cfg: dict[str, Any], space, arch: Arch, data: Data) -> floa
     """Train `arch` alone from a fresh initialisation; top-1 validation accuracy."""
     torch.manual_seed(cfg["seed"])
     subnet = build_supernet(space).extract(arch).train()
-    loader = data.train_loader(cfg["seed"])
+    batches = data.train_batches(cfg["seed"])
     opt = optimizer_factory(cfg["optimizer"])(subnet.parameters())
-    sched = build_scheduler(opt, cfg["scheduler"], len(loader), cfg["epochs"])
+    sched = build_scheduler(opt, cfg["scheduler"], batches.steps, cfg["epochs"])
     for epoch in range(cfg["epochs"]):
-        loader.sampler.set_epoch(epoch)
-        for x, y in loader:
+        for x, y in batches.epoch(epoch):
             loss = label_loss(y, cfg["label_smoothing"])(subnet(x))
             opt.zero_grad(set_to_none=True)
             loss.backward()

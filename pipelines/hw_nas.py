@@ -19,7 +19,8 @@ from raynas.pipeline.hw_nas import load_pipeline_config, run_pipeline
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="pipeline YAML (see pipelines/configs/hw_nas_*.yaml)")
-    parser.add_argument("--run-dir", dest="run_dir", help="override run_dir")
+    parser.add_argument("--run-dir", dest="run_dir", help="override run_dir (a local path or a URI such as "
+                        "s3://bucket/prefix; a re-run with the same run_dir resumes from what it holds)")
     args = parser.parse_args(argv)
     try:
         summary = run_pipeline(load_pipeline_config(args.config, args.run_dir))

@@ -5,9 +5,10 @@
 
 For each space: a per-block latency LUT on every device (in parallel, one profiler actor per device
 node), calibrated on 10 measured subnets per device, optionally validated on held-out subnets. Devices are
-the nodes advertising `device:<name>` that cluster/devices.yaml declares. Outside a cluster (no
-RAY_ADDRESS) a local Ray advertising `local-cpu` is started. Thin on purpose: the work is in
-raynas.hw.pipeline.
+the nodes labelled `device=<name>` (or advertising the older resource `device:<name>`) that
+cluster/devices.yaml declares. `--out` is a directory or a URI prefix (s3://bucket/profile); a re-run
+with the same `--out` reuses the blocks and calibrations stored there. Outside a cluster (no RAY_ADDRESS)
+a local Ray labelled `device=local-cpu` is started. Thin on purpose: the work is in raynas.hw.pipeline.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from raynas.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spaces", required=True, help="comma-separated built-in space names or YAML paths")
-    parser.add_argument("--out", required=True, help="directory for LUTs, calibrations and the summary")
+    parser.add_argument("--out", required=True,
+                        help="directory or URI prefix (s3://bucket/profile) for LUTs, calibrations and the summary")
     parser.add_argument("--devices", help="comma-separated device names (default: every device present)")
     parser.add_argument("--devices-file", help="devices YAML (default: cluster/devices.yaml)")
     parser.add_argument("--resolution", type=int, help="input resolution (default: each space's)")

@@ -81,12 +81,28 @@ def cmd_arch_cost(args) -> None:
 
 
 # ---- export --------------------------------------------------------------------------------------
+def export_target(out: str) -> tuple[str, bool]:
+    """`--out` as (location, is_directory): a location not ending in `.onnx` (or ending in `/`, or an existing
+    directory) is a directory that receives `<space>-<arch digest>.onnx`; otherwise it is the file itself."""
+    from raynas import storage
+
+    location = storage.normalize(out)
+    directory = out.endswith("/") or not out.endswith(".onnx") or storage.is_dir(location)
+    return location, directory
+
+
 def cmd_export(args) -> None:
+    import hashlib
+
+    from raynas import storage
     from raynas.hw.onnx_export import export_onnx
     from raynas.supernets.checkpoint import load_supernet_weights, read_checkpoint
 
     if args.resolution is not None and args.resolution < 8:
         raise UserError(f"--resolution: must be an integer >= 8, got {args.resolution}")
+    out, out_is_dir = export_target(args.out)
+    # Before loading anything: an unwritable --out fails now, not after the export.
+    storage.check_writable(out if out_is_dir else storage.parent(out), "--out")
     if args.checkpoint:
         # The checkpoint decides num_classes (e.g. a digits-trained supernet has 10 classes).
         args.num_classes = read_checkpoint(args.checkpoint)["num_classes"]
@@ -95,7 +111,9 @@ def cmd_export(args) -> None:
     if args.checkpoint:
         load_supernet_weights(supernet, args.checkpoint)
     subnet = supernet.eval().extract(arch)
-    result = export_onnx(subnet, supernet.input_shape(1), args.out)
+    if out_is_dir:
+        out = storage.join(out, f"{space.name}-{hashlib.sha256(arch.to_json().encode()).hexdigest()[:12]}.onnx")
+    result = export_onnx(subnet, supernet.input_shape(1), out)
     print(json.dumps({"space": space.name, "arch": arch.to_dict(), **result, **supernet.cost(arch)}))
 
 
@@ -129,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="extract a subnet and write it as verified ONNX")
     p.add_argument("--space", required=True)
     p.add_argument("--arch", required=True, help="JSON object or a file holding one")
-    p.add_argument("--out", required=True)
-    p.add_argument("--checkpoint")
+    p.add_argument("--out", required=True, help="the .onnx file, or a directory (a local path or a URI such as "
+                   "s3://bucket/prefix) that receives <space>-<arch digest>.onnx")
+    p.add_argument("--checkpoint", help="supernet checkpoint (a local path or a URI)")
     p.add_argument("--resolution", type=int)
     p.set_defaults(func=cmd_export, num_classes=None)
 

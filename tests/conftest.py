@@ -22,7 +22,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get
 
 
 def start_local_ray():
-    """A real local Ray (2 CPUs, like CI) advertising this machine as device `local-cpu`.
+    """A real local Ray (2 CPUs, like CI) whose node is labelled as the device `local-cpu`.
 
     Reuses the running instance when it is such a one; a test module that needed another shape of
     cluster (e.g. the two-node one in test_hw) may have replaced it, and then it is restarted.
@@ -30,12 +30,13 @@ def start_local_ray():
     import ray
 
     if ray.is_initialized():
-        if ray.cluster_resources().get("device:local-cpu") and len(ray.nodes()) == 1:
+        nodes = ray.nodes()
+        if len(nodes) == 1 and nodes[0].get("Labels", {}).get("device") == "local-cpu":
             return ray
         ray.shutdown()
     # address="local": never join a cluster that some `ray start` left running on the machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             resources={"device:local-cpu": 1})
+             labels={"device": "local-cpu"})
     return ray
 
 

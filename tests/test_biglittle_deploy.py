@@ -8,6 +8,7 @@ import pytest
 import torch
 from _biglittle_tiny import tiny_space
 
+from raynas import storage
 from raynas.biglittle.coupling import CoupledSupernet, save_coupled
 from raynas.biglittle.deploy import RoutedRunner, export_pair, read_manifest, run_routed
 from raynas.biglittle.evaluate import eval_data, predict_pair
@@ -32,7 +33,7 @@ def _model(coupling, router):
 @pytest.mark.parametrize("coupling,router,measure", [("nested", "learned", False),
                                                      ("partial", "confidence", True),
                                                      ("sibling", "difficulty", False)])
-def test_routed_onnx_runner_matches_pytorch(coupling, router, measure, tmp_path):
+def test_routed_onnx_runner_matches_pytorch(coupling, router, measure, ray_local, tmp_path):
     model = _model(coupling, router)
     data = eval_data(DATA, 16, 3, bn_samples=64)
     pair = model.pair_space.extreme_pair()
@@ -54,7 +55,7 @@ def test_routed_onnx_runner_matches_pytorch(coupling, router, measure, tmp_path)
         assert all(v > 0 for v in manifest["piece_ms"].values())
 
     runner = RoutedRunner(tmp_path)
-    images = torch.stack([data.val_loader.dataset[i][0] for i in range(len(pred.labels))])
+    images = torch.cat([x for x, _ in data.val_loader])  # the images predict_pair saw, in its order
     to_little = scores >= tau
     routed = np.where(to_little, pred.little_logits.argmax(1), pred.big_logits.argmax(1))
     checked = 0
@@ -76,7 +77,7 @@ def test_routed_onnx_runner_matches_pytorch(coupling, router, measure, tmp_path)
         assert report["predicted_e_latency_ms"] > 0 and report["predicted_by"] == "per-piece onnxruntime timings"
 
 
-def test_cli_export_and_run(tmp_path, capsys):
+def test_cli_export_and_run(ray_local, tmp_path, capsys):
     model = _model("nested", "learned")
     ckpt = save_coupled(model, tmp_path / "supernet.pt")
     out = tmp_path / "deploy"
@@ -102,3 +103,36 @@ def test_runner_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(UserError):
         read_manifest(tmp_path)
     assert cli_main(["biglittle", "run", "--models", str(tmp_path), "--data", "{not json"]) == 2
+
+
+def test_cli_export_and_run_in_a_bucket(s3_bucket, ray_local, tmp_path, monkeypatch, capsys):
+    """Checkpoint, exported pair and manifest all in object storage; the working directory gains nothing, and
+    the pair run from the bucket routes every input as the same pair exported to a local directory."""
+    monkeypatch.chdir(tmp_path)
+    model = _model("nested", "learned")
+    ckpt = save_coupled(model, storage.join(s3_bucket, "train", "supernet.pt"))
+    out = storage.join(s3_bucket, "deploy")
+    data = json.dumps(DATA)
+    assert cli_main(["biglittle", "export", "--checkpoint", ckpt, "--data", data, "--out", out,
+                     "--tau", "0.5", "--bn-samples", "64", "--no-measure"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert set(storage.list_dir(out)) == {"manifest.json", *(f for f in exported["files"].values() if f)}
+    assert read_manifest(out)["files"] == exported["files"]
+    assert cli_main(["biglittle", "run", "--models", out, "--data", data, "--limit", "6", "--no-references"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert list(tmp_path.iterdir()) == [], "the export or the run wrote into the working directory"
+
+    local = tmp_path / "local"
+    export_pair(model, model.pair_space.extreme_pair(), eval_data(DATA, 16, 3, bn_samples=64), local, 0.5,
+                measure_device=None)
+    assert run_routed(local, DATA, limit=6, references=False)["accuracy"] == remote["accuracy"]
+    assert RoutedRunner(out).manifest["pair"] == RoutedRunner(local).manifest["pair"]
+
+
+def test_cli_export_refuses_an_unwritable_out_before_loading(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = cli_main(["biglittle", "export", "--checkpoint", str(tmp_path / "missing.pt"), "--out",
+                     str(blocker / "deploy")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--out: " in err[0] and "not writable" in err[0], err

@@ -10,6 +10,7 @@ import torch
 import yaml
 from _biglittle_tiny import tiny_space
 
+from raynas import storage
 from raynas.biglittle.costs import PairCostModel, PieceLatency
 from raynas.biglittle.coupling import CoupledSupernet, save_coupled
 from raynas.biglittle.search import validate_pair_search_config
@@ -79,11 +80,18 @@ def test_piece_latency_with_a_lut_matches_whole_subnets(coupling):
     assert not lut.missing_keys
 
 
-def test_nsga2_pair_search(local_ray, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_nsga2_pair_search(where, local_ray, tmp_path, capsys, request, monkeypatch):
+    # In a bucket: the checkpoint and every artifact there, nothing in the working directory.
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     torch.manual_seed(0)
     model = CoupledSupernet(tiny_space(), "partial", splits=[2, 4], router="confidence")
-    ckpt = save_coupled(model, tmp_path / "supernet.pt")
-    cfg = {"checkpoint": str(ckpt), "run_dir": str(tmp_path / "search"), "data": DATA, "tau": 0.3,
+    ckpt = save_coupled(model, storage.join(root, "supernet.pt"))
+    run_dir = storage.join(root, "search")
+    cfg = {"checkpoint": str(ckpt), "run_dir": run_dir, "data": DATA, "tau": 0.3,
            "evaluator": {"num_actors": 2, "bn_samples": 24, "batch_size": 24, "threads": 1},
            "latency": {"model": "flops", "calibration_subnets": 2},
            "search": {"algorithm": "nsga2", "budget": 8, "seed": 0, "objectives": ["accuracy", "e_latency_ms"],
@@ -94,17 +102,20 @@ def test_nsga2_pair_search(local_ray, tmp_path, capsys):
     assert cli_main(["biglittle", "search", str(path)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["evaluations"] == 8 and summary["front"] >= 1 and summary["feasible"] == 8
-    records = pd.read_parquet(tmp_path / "search" / "evaluations.parquet")
+    records = storage.read_pandas(storage.join(run_dir, "evaluations.parquet"))
     assert len(records) == 8
     for col in ("accuracy", "routing_ratio", "oracle_gap", "ece_little", "e_latency_ms", "peak_latency_ms",
                 "e_macs", "memory_bytes", "latency_ms"):
         assert records[col].notna().all(), col
     assert (records["e_latency_ms"] <= records["peak_latency_ms"] + 1e-9).all()
     assert set(json.loads(records["arch"][0])) >= {"big.width", "little.width", "split"}
-    assert (tmp_path / "search" / "front.parquet").is_file() and (tmp_path / "search" / "pareto.png").is_file()
+    assert all(storage.is_file(storage.join(run_dir, f)) for f in ("front.parquet", "pareto.png", "summary.yaml"))
+    assert len(storage.list_files(storage.join(run_dir, "evaluations"), ".parquet")) == 8
     # a resumed search answers every pair from the store
     assert cli_main(["biglittle", "search", str(path), "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["evaluations"] == 8
+    assert len(storage.list_files(storage.join(run_dir, "evaluations"), ".parquet")) == 8
+    assert list(cwd.iterdir()) == []
 
 
 def test_search_config_names_the_field():

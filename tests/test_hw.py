@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -79,7 +80,7 @@ def devices_yaml(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A real two-node local Ray cluster: the head advertises device:a, the worker device:b."""
+    """A real two-node local Ray cluster: the head is labelled device=a, the worker device=b."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -88,8 +89,8 @@ def two_nodes():
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {"device:a": 1}, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=1, resources={"device:b": 1})
+        "num_cpus": 1, "labels": {"device": "a"}, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1, labels={"device": "b"})
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     yield {"address": cluster.address, "head": cluster.head_node.node_id, "worker": worker.node_id}
@@ -105,7 +106,8 @@ def _device(name: str) -> DeviceSpec:
 def test_shipped_devices_file_declares_local_cpu():
     devices = load_devices(REPO / "cluster" / "devices.yaml")
     local = devices["local-cpu"]
-    assert local.resource == "device:local-cpu" and local.runtime == "cpu" and local.batch_size == 1
+    assert local.label == "device=local-cpu" and local.resource == "device:local-cpu"
+    assert local.runtime == "cpu" and local.batch_size == 1
     assert local.protocol.runs >= 50
     assert all(d.protocol.runs >= 50 for d in devices.values())
 
@@ -271,7 +273,7 @@ def test_missing_device_fails_within_seconds(two_nodes):
         start_profiler(_device("c"))
     assert time.monotonic() - t0 < 10
     message = str(err.value)
-    assert "device 'c'" in message and "device:c" in message and "['a', 'b']" in message
+    assert "device 'c'" in message and "device=c" in message and "device:c" in message and "['a', 'b']" in message
 
 
 def test_lut_build_on_two_devices_in_parallel(two_nodes, tiny, tmp_path):
@@ -405,3 +407,168 @@ def test_pipeline_profiles_every_device_present(two_nodes, tiny_yaml, devices_ya
     assert sorted(set(table["device"])) == ["a", "b"] and len(meta) == 2
     calibration = json.loads((tmp_path / "tiny-mbv3.lut.calibration.json").read_text())
     assert len(calibration["groups"]) == 2
+
+
+# ---- storage: LUT and calibration at a URI, resume, refusal of foreign files -------------------------------
+def test_lut_and_calibration_in_object_storage(two_nodes, tiny, tiny_yaml, devices_yaml, s3_bucket, capsys):
+    """`--out`/`--lut` an s3:// URI (the test's S3-compatible server): the LUT and its calibration are stored
+    there, a second build reuses every block from storage, and the latency model loads from it."""
+    from raynas import storage
+    from raynas.cli import main
+    from raynas.hw.latency import calibration_path
+
+    common = ["--space", str(tiny_yaml), "--device", "b", "--devices-file", str(devices_yaml),
+              "--address", two_nodes["address"], "--quiet"]
+    lut = f"{s3_bucket}/luts/tiny.parquet"
+    assert main(["profile", "lut", *common, "--out", lut, "--patience", "30"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["blocks"] == 10 and first["measured"] == 10 and first["node_id"] == two_nodes["worker"]
+    stored, meta = read_lut(lut)
+    assert len(stored) == 10 and (stored["node_id"] == two_nodes["worker"]).all() and len(meta) == 1
+
+    assert main(["profile", "lut", *common, "--out", lut, "--patience", "30"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["measured"] == 0 and again["reused"] == 10 and again["lut_build_s"] == first["lut_build_s"]
+    pd.testing.assert_frame_equal(read_lut(lut)[0], stored)
+
+    assert main(["profile", "calibrate", *common, "--lut", lut, "-n", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert calibration_path(lut) == f"{s3_bucket}/luts/tiny.calibration.json" == out["calibration"]
+    calibration = storage.read_json(calibration_path(lut))
+    (group,) = calibration["groups"].values()
+    assert group["device"] == "b" and group["n"] == 3 and len(group["measured_ms"]) == 3
+
+    model = load_latency_model("lut", lut, supernet=tiny, device="b", devices_file=devices_yaml)
+    arch = tiny.space.max_arch()
+    kappa, epsilon = group["models"]["lut"]["calibration"]["slope"], group["models"]["lut"]["calibration"]["intercept"]
+    assert model.predict(arch) == pytest.approx(kappa * model.raw(arch) + epsilon) and model.predict(arch) > 0
+
+
+def test_killed_lut_build_keeps_its_blocks_and_resumes(two_nodes, tiny_yaml, s3_bucket, tmp_path, capsys):
+    """A `raynas profile lut` process killed (SIGKILL) after its first blocks were stored: the blocks are in
+    the bucket, and the next build measures only the rest, keeping the stored rows as they were."""
+    import signal
+
+    from raynas import storage
+    from raynas.cli import main
+
+    # Slow enough per block (>= 0.6 s) that the kill lands between the first stored chunk and the end.
+    slow = tmp_path / "devices.yaml"
+    slow.write_text(yaml.safe_dump({"devices": {"b": {"protocol": {"warmup_s": 0.02, "min_warmup_runs": 2,
+                                                                   "runs": 50, "min_run_s": 0.6, "repeats": 1}}}}))
+    lut = f"{s3_bucket}/resume/lut.parquet"
+    args = ["profile", "lut", "--space", str(tiny_yaml), "--device", "b", "--devices-file", str(slow),
+            "--address", two_nodes["address"], "--out", lut, "--patience", "30", "--quiet"]
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "build.log"
+    with log.open("w") as stderr:
+        build = subprocess.Popen([sys.executable, "-m", "raynas.cli", *args], cwd=REPO, env=env,
+                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 300
+        while not storage.exists(lut):
+            assert build.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the build stored nothing within 300 s"
+            time.sleep(0.05)
+        os.killpg(build.pid, signal.SIGKILL)
+    finally:
+        if build.poll() is None:
+            os.killpg(build.pid, signal.SIGKILL)
+        build.wait(timeout=60)
+    partial, meta = read_lut(lut)
+    assert 0 < len(partial) < 10, len(partial)
+    assert (partial["runs"] >= 50).all() and (partial["latency_ms"] >= 0).all()
+    (info,) = meta.values()
+    assert info["measured"] == len(partial) and info["build_s"] > 0
+
+    assert main(args) == 0  # resumed here, from what the bucket holds
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["blocks"] == 10 and resumed["reused"] == len(partial) and resumed["measured"] == 10 - len(partial)
+    assert resumed["lut_build_s"] > info["build_s"]
+    table, _ = read_lut(lut)
+    assert table["key"].is_unique and len(table) == 10
+    kept = table.set_index("key").loc[partial["key"]]
+    assert (kept["median_ms"].to_numpy() == partial["median_ms"].to_numpy()).all()
+    assert (kept["measured_at"].to_numpy() == partial["measured_at"].to_numpy()).all()
+
+
+def _synthetic_group(tiny, device: str = "local-cpu") -> pd.DataFrame:
+    from dataclasses import asdict
+
+    from raynas.hw.devices import get_device
+    from raynas.hw.lut import TABLE_COLUMNS
+
+    key = TableKey.of(tiny, get_device(device))
+    catalogue = collect_block_configs(tiny, patience=30, show_progress=False)
+    rows = [{**dict.fromkeys(TABLE_COLUMNS, 1.0), **asdict(key), "key": k, "in_shape": "[]", "clock": "wall",
+             "node_id": "n", "hostname": "h"} for k in catalogue.blocks]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raynas: error: ") and "\n" not in err, err
+    return err
+
+
+def test_foreign_lut_is_refused_in_one_line_naming_the_file(tiny, tiny_yaml, tmp_path, s3_bucket, capsys):
+    """Random bytes, a Parquet that is not a LUT, a LUT's columns without its metadata: refused by every
+    reader in one line naming the option and the file, and never overwritten."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raynas import storage
+    from raynas.cli import main
+    from raynas.errors import UserError
+
+    random_bytes = f"{s3_bucket}/bad/random.parquet"
+    storage.write_bytes(random_bytes, np.random.default_rng(0).bytes(4096))
+    not_a_lut = tmp_path / "other.parquet"
+    pd.DataFrame({"x": [1, 2], "y": ["a", "b"]}).to_parquet(not_a_lut)
+    no_meta = tmp_path / "no_meta.parquet"
+    pq.write_table(pa.Table.from_pandas(_synthetic_group(tiny), preserve_index=False), no_meta)
+    cases = [(random_bytes, "is not a readable Parquet file"), (str(not_a_lut), "is not a raynas LUT (missing columns"),
+             (str(no_meta), "is not a raynas LUT (no 'raynas.lut' metadata")]
+    for bad, reason in cases:
+        before = storage.read_bytes(bad)
+        for argv, option in ((["profile", "calibrate", "--lut", bad], "--lut"),
+                             (["profile", "validate", "--lut", bad], "--lut"),
+                             (["profile", "lut", "--out", bad], "--out")):
+            assert main([*argv, "--space", str(tiny_yaml), "--quiet"]) == 2
+            err = _one_line_error(capsys)
+            assert f"{option}: {storage.display(bad)} " in err and reason in err, err
+        with pytest.raises(UserError, match=f"--lut: {re.escape(storage.display(bad))} .*{re.escape(reason)}"):
+            load_latency_model("lut", bad, supernet=tiny, require_calibration=False)
+        assert storage.read_bytes(bad) == before
+
+
+def test_foreign_calibration_is_refused_in_one_line_naming_the_file(tiny, tiny_yaml, tmp_path, s3_bucket, capsys):
+    from raynas import storage
+    from raynas.cli import main
+    from raynas.errors import UserError
+    from raynas.hw.latency import calibration_path, load_calibration
+
+    lut = f"{s3_bucket}/cal/lut.parquet"
+    write_lut(lut, _synthetic_group(tiny), {})
+    calibration = calibration_path(lut)
+    key = TableKey.of(tiny, LOCAL_CPU)
+    for content, reason in ((np.random.default_rng(1).bytes(512), "is not UTF-8 text"),
+                            (b'{"groups": {"x": ', "is not valid JSON"),
+                            (b'{"a": 1}', "is not a raynas calibration file (no 'groups' object)"),
+                            (b'{"groups": {"g": {"models": {"lut": {}}}}}', "is not a raynas calibration file (group")):
+        storage.write_bytes(calibration, content)
+        for argv in (["profile", "validate", "--lut", lut], ["profile", "calibrate", "--lut", lut]):
+            assert main([*argv, "--space", str(tiny_yaml), "--quiet"]) == 2  # before any Ray or measurement
+            err = _one_line_error(capsys)
+            assert f"calibration: {storage.display(calibration)} " in err and reason in err, err
+        with pytest.raises(UserError, match=re.escape(f"calibration: {storage.display(calibration)} ")):
+            load_latency_model("lut", lut, supernet=tiny)
+        with pytest.raises(UserError, match=re.escape(reason)):
+            load_calibration(calibration, key)
+        assert storage.read_bytes(calibration) == content  # nothing overwritten
+    explicit = tmp_path / "given.json"
+    explicit.write_text("[]")
+    assert main(["profile", "validate", "--lut", lut, "--space", str(tiny_yaml), "--calibration", str(explicit),
+                 "--quiet"]) == 2
+    assert f"--calibration: {explicit} is not a raynas calibration file" in _one_line_error(capsys)

@@ -120,7 +120,7 @@ def test_chain_is_validated_before_any_compute(spaces, tmp_path):
     assert [s.inherit_from for s in stages] == [None, "tiny-s", "tiny-s"]
     assert stages[1].shared_fraction == pytest.approx(1.0) and 0 < stages[2].shared_fraction <= 1
     assert stages[1].cfg["optimizer"]["lr"] == 1e-9 and stages[2].cfg["optimizer"]["lr"] == 0.05
-    assert all(s.run_dir == tmp_path.resolve() / "sizes" / s.key for s in stages)
+    assert all(s.run_dir == str(tmp_path.resolve() / "sizes" / s.key) for s in stages)
 
     bad = copy.deepcopy(cfg)
     bad["stages"][1]["inherit_from"] = "tiny-xxs"  # a later stage

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from raynas import storage
 from raynas.errors import ConfigError
 from raynas.nn.lora import (
     BLOCK_TARGETS,
@@ -254,7 +255,7 @@ def test_mole_run_on_ray_train_with_two_workers(ray_local, space_path, pretraine
         for arch in _archs(trained.space, n=2):
             assert torch.allclose(trained.extract(arch)(x), trained(x, arch), atol=1e-5, rtol=0)
     # every epoch checkpoint holds the MoLE parts too
-    epoch_ckpt = load_mole_supernet(result.checkpoint_dir / "supernet.pt")
+    epoch_ckpt = load_mole_supernet(storage.join(result.checkpoint_dir, "supernet.pt"))
     assert torch.equal(epoch_ckpt.router.block_bias, trained.router.block_bias)
 
 

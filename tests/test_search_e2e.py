@@ -22,9 +22,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
-from raynas.data import build_dataset
+from raynas.data import Batches, EpochBatches, Normalizer, eval_dataset, normalization, train_dataset, train_feed_info
 from raynas.errors import ConfigError
 from raynas.search.config import validate_search_config
 from raynas.search.evaluator import EvaluatorConfig, SubnetEvaluator, make_evaluator_pool
@@ -84,7 +83,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir) -> Path:
+def checkpoint(ray_local, workdir) -> Path:
     """The supernet trained briefly in process (single-path uniform sampling, as SPOS) on digits.
 
     In process rather than through Ray Train: the same weights in seconds instead of a minute of Ray Train
@@ -93,17 +92,18 @@ def checkpoint(workdir) -> Path:
     torch.manual_seed(0)
     space = load_space(SPACE_YAML)
     supernet = build_supernet(space)
-    train = build_dataset(DATA, "train", space.resolution, in_channels=space.in_channels)
-    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train = train_dataset(DATA, space.resolution, space.in_channels, seed=0)
+    batches = EpochBatches(train, train_feed_info(train.context), 64, "cpu",
+                           Normalizer(*normalization(DATA, space.in_channels)))
     optimizer = torch.optim.Adam(supernet.parameters(), lr=0.01)
     rng = np.random.default_rng(0)
     supernet.train()
-    for _ in range(4):
-        for x, y in loader:
+    for epoch in range(4):
+        for x, y in batches.epoch(epoch):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(supernet(x, uniform_arch(space, rng)), y).backward()
             optimizer.step()
-    return save_supernet(supernet.eval(), workdir / "supernet.pt")
+    return Path(save_supernet(supernet.eval(), workdir / "supernet.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +212,8 @@ def test_exported_onnx_matches_pytorch_and_is_measured(job, checkpoint):
     assert (exported["measured_runs"] >= 50).all() and (exported["device"] == "local-cpu").all()
     supernet = load_supernet(checkpoint)
     space = supernet.space
-    val = build_dataset(DATA, "val", space.resolution, in_channels=space.in_channels)
-    images = torch.stack([val[i][0] for i in range(4)])
+    val = eval_dataset(DATA, "val", space.resolution, space.in_channels)
+    images = next(iter(Batches(val, 4, "cpu", Normalizer(*normalization(DATA, space.in_channels)))))[0]
     for rec in exported.to_dict("records"):
         path = run_dir / rec["onnx"]
         onnx.checker.check_model(onnx.load(str(path)))

@@ -1,10 +1,11 @@
-"""BatchNorm recalibration and subnet evaluation (the evaluator actors' entry point)."""
+"""BatchNorm recalibration and subnet evaluation (the evaluator actors' entry point), on digits read through
+Ray Data (raynas.data)."""
 
 import numpy as np
 import torch
 from torch import nn
 
-from raynas.data import build_dataset, shard_loader
+from raynas.data import Batches, Normalizer, eval_dataset, normalization
 from raynas.space import load_space
 from raynas.supernets import build_supernet
 from raynas.train.bn import batchnorm_layers, evaluate_subnet, preserved_bn_stats, recalibrate_bn
@@ -39,12 +40,17 @@ def test_recalibration_is_the_cumulative_average_over_exactly_num_samples():
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_recalibration_changes_supernet_statistics_per_subnet(tiny_nb201_yaml):
+def _batches(cfg, split, space, batch_size=64):
+    """An evaluation split as re-iterable normalised batches, in a fixed order."""
+    return Batches(eval_dataset(cfg, split, space.resolution, space.in_channels), batch_size, "cpu",
+                   Normalizer(*normalization(cfg, space.in_channels)))
+
+
+def test_recalibration_changes_supernet_statistics_per_subnet(ray_local, tiny_nb201_yaml):
     torch.manual_seed(0)
     space = load_space(tiny_nb201_yaml)
     net = build_supernet(space)
-    train = build_dataset({"name": "digits"}, "train", space.resolution)
-    loader = shard_loader(train, 64, shuffle=False)
+    loader = _batches({"name": "digits"}, "train", space)
     before = [m.running_mean.clone() for m in batchnorm_layers(net)]
     recalibrate_bn(net, space.max_arch(), loader, 128)
     after_max = [m.running_mean.clone() for m in batchnorm_layers(net)]
@@ -55,13 +61,12 @@ def test_recalibration_changes_supernet_statistics_per_subnet(tiny_nb201_yaml):
     assert any(not torch.equal(a, m.running_mean) for a, m in zip(after_max, batchnorm_layers(net)))
 
 
-def test_evaluate_subnet_accuracy_and_preserved_stats(tiny_nb201_yaml):
+def test_evaluate_subnet_accuracy_and_preserved_stats(ray_local, tiny_nb201_yaml):
     torch.manual_seed(0)
     space = load_space(tiny_nb201_yaml)
     net = build_supernet(space).train()
-    train = build_dataset({"name": "digits"}, "train", space.resolution)
-    val = build_dataset({"name": "digits", "max_val_samples": 100}, "val", space.resolution)
-    bn_loader, val_loader = shard_loader(train, 64, shuffle=False), shard_loader(val, 64, shuffle=False)
+    bn_loader = _batches({"name": "digits"}, "train", space)
+    val_loader = _batches({"name": "digits", "max_val_samples": 100}, "val", space)
     arch = space.max_arch()
     snapshot = [m.running_var.clone() for m in batchnorm_layers(net)]
     with preserved_bn_stats(net):

@@ -1,6 +1,7 @@
 """Training config validation before any compute, and the `raynas train` / pipeline entry points."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ def test_defaults_filled():
     ({"precision": "fp8"}, "precision: 'fp8' is not allowed"),
     ({"data": {"name": "imagenet"}}, "data.name: unknown dataset"),
     ({"name": "a/b"}, "name: expected a run name"),
-    ({"storage_path": "s3://bucket/runs"}, "storage_path"),
+    ({"storage_path": ""}, "storage_path: expected a directory path or a URI"),
+    ({"strategy": "raynas.train.strategies.fair:FairStrategy"}, "strategy.name: 'raynas.train.strategies.fair:"),
 ])
 def test_config_errors_are_one_line_naming_the_field(change, field):
     with pytest.raises(ConfigError) as info:
@@ -71,9 +73,9 @@ def test_rerun_with_another_space_is_refused(tmp_path, tiny_nb201_yaml):
     net = build_supernet(space)
     write_checkpoint(ckpt, rank=0, epoch=1, world_size=1, supernet=net, trained_module=net,
                      train_state={"epoch": 1}, strategy_name="uniform")
-    assert find_latest_checkpoint(tmp_path / "runs" / "t") == ckpt
+    assert find_latest_checkpoint(tmp_path / "runs" / "t") == str(ckpt)
     plan = plan_run({**BASE, "space": tiny_nb201_yaml, "storage_path": str(tmp_path / "runs")})
-    assert plan.resume_dir == ckpt and plan.resume_epoch == 1
+    assert plan.resume_dir == str(ckpt) and plan.resume_epoch == 1
     with pytest.raises(ConfigError, match="trained space 'nb201-tiny', not 'nb201'"):
         plan_run({**BASE, "storage_path": str(tmp_path / "runs")})
     # Each rank's RNG file loads weights_only.
@@ -121,3 +123,71 @@ def test_example_configs_are_valid(config, tmp_path):
     cfg = load_train_config(config, {"storage_path": str(tmp_path)})
     plan = plan_run(cfg)
     assert plan.cfg["data"]["name"] == "digits" and plan.num_classes == 10
+
+
+CMDLINE_PLUGIN = """
+from raynas.train.strategies import register_strategy
+from raynas.train.strategies.uniform import UniformStrategy
+
+
+@register_strategy
+class CmdlineUniform(UniformStrategy):
+    name = "cmdline-uniform"
+"""
+ENTRY_POINT_PLUGIN = """
+from raynas.train.strategies.uniform import UniformStrategy
+
+
+class PackagedUniform(UniformStrategy):
+    name = "packaged-uniform"
+"""
+# Importing it is the harm a config must not be able to cause.
+IMPORT_MARKER_MODULE = "import pathlib\npathlib.Path(__file__).with_name('imported').touch()\nclass X: pass\n"
+
+
+def test_strategy_plugins_come_from_entry_points_or_the_command_line_never_the_config(tmp_path, monkeypatch,
+                                                                                       capsys):
+    import raynas.train.strategies as strategies
+    from raynas.train.strategies import get_strategy_class, strategy_names
+
+    strategy_names()  # built-ins registered; the plug-ins below go into a copy the test throws away
+    monkeypatch.setattr(strategies, "STRATEGIES", dict(strategies.STRATEGIES))
+    (tmp_path / "cmdline_plugin.py").write_text(CMDLINE_PLUGIN)
+    (tmp_path / "packaged_plugin.py").write_text(ENTRY_POINT_PLUGIN)
+    (tmp_path / "config_named.py").write_text(IMPORT_MARKER_MODULE)
+    # An installed distribution declaring an entry point (what `pip install` of a plug-in package leaves).
+    dist = tmp_path / "raynas_test_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: raynas-test-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[raynas.strategies]\npackaged = packaged_plugin:PackagedUniform\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("cmdline_plugin", "packaged_plugin", "config_named"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+
+    def config(strategy):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"space": "nb201", "epochs": 1, "strategy": strategy,
+                                        "storage_path": str(tmp_path / "runs")}))
+        return str(path)
+
+    # A `module:Class` in a config file is refused in one line, and nothing is imported from it.
+    assert raynas_main(["train", config("config_named:X")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raynas: error: strategy.name: 'config_named:X' names code to import") and "\n" not in err
+    assert "--plugin" in err and "raynas.strategies" in err
+    assert not (tmp_path / "imported").exists() and "config_named" not in sys.modules
+
+    # A plug-in module works only when the command line names it.
+    assert raynas_main(["train", config("cmdline-uniform")]) == 2
+    assert "strategy.name: unknown 'cmdline-uniform'" in capsys.readouterr().err
+    # (--num-workers 0 stops the run at the next field: the strategy itself validated)
+    assert raynas_main(["train", config("cmdline-uniform"), "--plugin", "cmdline_plugin", "--num-workers", "0"]) == 2
+    assert capsys.readouterr().err.startswith("raynas: error: scaling.num_workers")
+    assert raynas_main(["train", config("uniform"), "--plugin", "no_such_plugin_module"]) == 2
+    assert capsys.readouterr().err.startswith("raynas: error: --plugin: cannot import module 'no_such_plugin_module'")
+
+    # An installed package's entry point is found by its name alone.
+    assert get_strategy_class("packaged").__name__ == "PackagedUniform"
+    assert validate_train_config({**BASE, "strategy": "packaged"})["strategy"] == {"name": "packaged"}
+    with pytest.raises(ConfigError, match=r"strategy.name: unknown 'nope'; allowed: \[.*'packaged'"):
+        get_strategy_class("nope")

@@ -7,17 +7,21 @@ import pandas as pd
 import pytest
 import torch
 
+from raynas import storage
 from raynas.space import load_space
 from raynas.supernets import build_supernet
 from raynas.supernets.checkpoint import load_supernet_weights
+from raynas.train.strategies import register_strategy
 from raynas.train.strategies.uniform import UniformStrategy
 from raynas.train.trainer import train
 
 
+@register_strategy
 class CrashOnceStrategy(UniformStrategy):
     """`uniform`, except that the first attempt at epoch 2 fails (a worker error mid-run).
 
-    Selected as `test_train_ray:CrashOnceStrategy`; workers import it (tests/ is on their PYTHONPATH).
+    A plug-in: selected as `crash-once` once this module is given as a plugin (`--plugin test_train_ray`,
+    `train(..., plugins=[...])`); workers import it too (tests/ is on their PYTHONPATH).
     """
 
     name = "crash-once"
@@ -50,9 +54,9 @@ def test_strategy_trains_through_ray_train_with_two_workers(strategy, ray_local,
     for key in ("teacher_acc", "min_acc", "max_acc", "random_acc"):
         assert 0.0 <= metrics[key][0] <= 1.0
     # Every rank reported its part of the checkpoint; the final supernet loads weights_only.
-    files = {p.name for p in result.checkpoint_dir.iterdir()}
+    files = set(storage.list_dir(result.checkpoint_dir))
     assert {"meta.json", "supernet.pt", "train_state.pt", "rng_rank0.pt", "rng_rank1.pt"} <= files
-    state = torch.load(result.checkpoint_dir / "train_state.pt", weights_only=True)
+    state = storage.load_torch(storage.join(result.checkpoint_dir, "train_state.pt"))
     assert state["epoch"] == 1 and state["global_step"] == 2 and state["optimizers"]["main"]["state"]
     fresh = build_supernet(load_space(tiny_nb201_yaml))
     load_supernet_weights(fresh, result.supernet_path)
@@ -77,9 +81,9 @@ def test_rerun_and_retry_resume_from_the_last_epoch_with_identical_state(ray_loc
     # A worker fails in epoch 2; Ray Train restarts the group (FailureConfig) and the loop resumes
     # from the epoch-1 checkpoint via ray.train.get_checkpoint().
     marker = tmp_path / "crashed"
-    crash = {"name": "test_train_ray:CrashOnceStrategy", "marker": str(marker)}
+    crash = {"name": "crash-once", "marker": str(marker)}
     retried = train(_config(tmp_path, tiny_nb201_yaml, "retried", crash, 2, failure={"max_failures": 1},
-                            **extra), quiet=True)
+                            **extra), quiet=True, plugins=["test_train_ray"])
     assert marker.exists()
     assert list(pd.read_parquet(retried.metrics_path)["epoch"]) == [1, 2]
     assert _same_weights(_weights(straight.supernet_path), _weights(retried.supernet_path))
@@ -94,8 +98,8 @@ def test_rerun_and_retry_resume_from_the_last_epoch_with_identical_state(ray_loc
     assert metrics.iloc[0].to_dict() == epoch1_row  # epoch 1 was not trained again
     assert _same_weights(_weights(straight.supernet_path), _weights(resumed.supernet_path))
     # Optimizer (momentum buffers), scheduler and sampler state continued, not restarted.
-    sa = torch.load(straight.checkpoint_dir / "train_state.pt", weights_only=True)
-    sb = torch.load(resumed.checkpoint_dir / "train_state.pt", weights_only=True)
+    sa = storage.load_torch(storage.join(straight.checkpoint_dir, "train_state.pt"))
+    sb = storage.load_torch(storage.join(resumed.checkpoint_dir, "train_state.pt"))
     assert sb["schedulers"]["main"]["last_epoch"] == sa["schedulers"]["main"]["last_epoch"] == 4
     assert sb["strategy"] == sa["strategy"]
     for k, buf in sa["optimizers"]["main"]["state"].items():

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 from _biglittle_tiny import TINY
+from test_train_storage import ray_s3  # noqa: F401  (a Ray whose node reaches the S3 test server)
 
+from raynas import storage
 from raynas.cli import main as cli_main
 from raynas.errors import ConfigError
 from raynas.train.config import load_train_config
@@ -78,6 +80,29 @@ def test_two_trial_optuna_asha_sweep(local_ray, tmp_path, capsys):
     assert best_cfg["strategy"]["tau"] == pytest.approx(best["config/tau"])
     assert best_cfg["strategy"]["router_hidden"] == best["config/router_hidden"]
     assert (out / "train_runs" / f"trial_{best['trial_id']}" / "supernet.pt").is_file()
+
+
+@pytest.mark.usefixtures("ray_s3")
+def test_sweep_keeps_trials_and_results_in_the_bucket(s3_bucket, tmp_path, capsys, monkeypatch):
+    """Tune's experiment state, every trial's Ray Train run and the sweep's results go to the storage URI;
+    the working directory stays empty."""
+    path = write_configs(tmp_path, storage_path=f"{s3_bucket}/tune", num_samples=1, max_concurrent_trials=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert cli_main(["tune", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    out = f"{s3_bucket}/tune/sweep"
+    assert summary["dir"] == out and summary["trials"] == summary["finished"] == 1
+    trials = storage.read_pandas(storage.join(out, "trials.parquet"))
+    assert len(trials) == 1 and trials["status"][0] == "ok" and trials["score_source"][0] == "validation"
+    assert len(storage.read_pandas(storage.join(out, "results.parquet"))) >= 2
+    assert summary["best_config"] == storage.join(out, "best.yaml")
+    best_cfg = yaml.safe_load(storage.read_text(summary["best_config"]))
+    assert best_cfg["strategy"]["tau"] == pytest.approx(trials["config/tau"][0])
+    run = storage.join(out, "train_runs", f"trial_{summary['best_trial']}")
+    assert {"supernet.pt", "metrics.parquet", "epoch_0002"} <= set(storage.list_dir(run))
+    assert list(work.iterdir()) == []
 
 
 def test_tune_config_errors_name_the_field(tmp_path):

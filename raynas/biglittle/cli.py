@@ -42,10 +42,10 @@ def parse_pair(text: str | None, model) -> Any:
     if text in (None, "extreme"):
         return ps.extreme_pair()
     if ".parquet" in text:
-        import pandas as pd
+        from raynas import storage
 
         path, _, index = text.partition(".parquet")
-        front = pd.read_parquet(path + ".parquet")
+        front = storage.read_pandas(path + ".parquet", "--pair")
         if front.empty:
             raise UserError(f"--pair: {path}.parquet holds no pairs")
         row = front.iloc[int(index.lstrip(":"))] if index else front.sort_values("accuracy").iloc[-1]
@@ -69,14 +69,13 @@ def _model_and_data(args):
 def _fit_router_if_asked(args, model, pair, data) -> dict:
     if not getattr(args, "fit_router", 0):
         return {}
-    from torch.utils.data import DataLoader
-
     from raynas.biglittle.evaluate import fit_router
-    from raynas.data import build_dataset
+    from raynas.data import Batches, Normalizer, eval_dataset, normalization
 
-    train = build_dataset(parse_data(args.data), "train", model.space.resolution,
-                          in_channels=model.space.in_channels, augment=False)
-    return fit_router(model, pair, data, DataLoader(train, batch_size=256), epochs=args.fit_router)
+    cfg, space = parse_data(args.data), model.space
+    train = eval_dataset(cfg, "train", space.resolution, space.in_channels)  # un-augmented, fixed order
+    batches = Batches(train, 256, "cpu", Normalizer(*normalization(cfg, space.in_channels)))
+    return fit_router(model, pair, data, batches, epochs=args.fit_router)
 
 
 def cmd_evaluate(args) -> None:
@@ -108,8 +107,10 @@ def cmd_search(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from raynas import storage
     from raynas.biglittle.deploy import export_pair
 
+    storage.check_writable(args.out, "--out")  # before loading anything
     model, data = _model_and_data(args)
     pair = parse_pair(args.pair, model)
     fitted = _fit_router_if_asked(args, model, pair, data)
@@ -138,7 +139,8 @@ def cmd_run(args) -> None:
 
 
 def _checkpoint_args(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="supernet.pt of a run trained with strategy 'biglittle'")
+    p.add_argument("--checkpoint", required=True,
+                   help="supernet.pt (a local path or a URI) of a run trained with strategy 'biglittle'")
     p.add_argument("--data", default="digits", help="dataset name, JSON object or YAML with a data section")
     p.add_argument("--pair", default="extreme",
                    help="'extreme', pair JSON (or a file), or a search's front.parquet[:i]")
@@ -162,21 +164,23 @@ def register(subparsers) -> None:
     p = sub.add_parser("search", help="NSGA-II over (big, little[, split]) pairs on Ray actors")
     p.add_argument("config", help="pair-search YAML (see pipelines/configs/biglittle_search.yaml)")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--checkpoint")
-    p.add_argument("--run-dir", dest="run_dir")
+    p.add_argument("--checkpoint", help="override `checkpoint` (a local path or a URI)")
+    p.add_argument("--run-dir", dest="run_dir", help="override `run_dir` (a local path or a URI such as s3://...)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="export trunk / little / big / router as verified ONNX + manifest")
     _checkpoint_args(p)
-    p.add_argument("--out", required=True, help="directory for the ONNX files and manifest.json")
-    p.add_argument("--lut", help="latency LUT (raynas profile) to predict piece latencies")
+    p.add_argument("--out", required=True, help="directory (a local path or a URI) for the ONNX files and "
+                   "manifest.json")
+    p.add_argument("--lut", help="latency LUT (raynas profile; a local path or a URI) to predict piece latencies")
     p.add_argument("--latency-model", default="lut", dest="latency_model", choices=["lut", "linear", "flops", "params"])
     p.add_argument("--device", default="local-cpu", help="device whose protocol times the pieces")
     p.add_argument("--no-measure", action="store_true", dest="no_measure", help="skip timing the pieces")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="run an exported pair per input in onnxruntime: accuracy and latency")
-    p.add_argument("--models", required=True, help="directory written by `raynas biglittle export`")
+    p.add_argument("--models", required=True, help="directory (a local path or a URI) written by `raynas biglittle "
+                   "export`")
     p.add_argument("--data", default="digits", help="dataset name, JSON object or YAML with a data section")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--limit", type=int, help="first N inputs only")

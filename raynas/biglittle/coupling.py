@@ -22,9 +22,9 @@ buffer), so a checkpoint rebuilds the same coupled model.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -272,8 +272,9 @@ def coupled_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     return cfg
 
 
-def load_coupled(path: str | Path | bytes) -> CoupledSupernet:
-    """A coupled supernet from a checkpoint written by training with the `biglittle` strategy."""
+def load_coupled(path: str | os.PathLike | bytes) -> CoupledSupernet:
+    """A coupled supernet from a checkpoint (a location or its bytes) written by training with the `biglittle`
+    strategy."""
     from raynas.space import space_from_config
     from raynas.supernets.checkpoint import read_checkpoint
 
@@ -285,7 +286,7 @@ def load_coupled(path: str | Path | bytes) -> CoupledSupernet:
     return model.eval()
 
 
-def save_coupled(model: CoupledSupernet, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_coupled(model: CoupledSupernet, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> str:
     from raynas.supernets.checkpoint import save_supernet
 
     return save_supernet(model, path, extra)

@@ -9,7 +9,8 @@
                 -> ease score in [0, 1]
   manifest.json coupling, pair, router and tau, shapes, costs, predicted latency, validation figures
 
-every file verified against PyTorch in onnxruntime. `RoutedRunner` executes the pair one input at a time
+every file verified against PyTorch in onnxruntime. The directory is a local path or a URI (s3://...):
+files are written and read through raynas.storage. `RoutedRunner` executes the pair one input at a time
 as deployed: trunk, then the router's choice (pre-routing), or little then big when little is not
 confident enough (cascade). `run_routed` measures accuracy and per-input latency on a labelled set and
 reports them beside the predicted E[latency] at the routing ratio it observed.
@@ -17,17 +18,17 @@ reports them beside the predicted E[latency] at the routing ratio it observed.
 
 from __future__ import annotations
 
-import json
+import os
 import time
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from raynas import storage
 from raynas.biglittle.costs import PairCostModel, PairCosts, PieceLatency
 from raynas.biglittle.coupling import CoupledSupernet
 from raynas.biglittle.evaluate import EvalData, deployable_pieces, predict_pair
@@ -44,7 +45,7 @@ def _shape_after(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(module.eval()(torch.zeros(shape)).shape)
 
 
-def _export(module: nn.Module, shape: tuple[int, ...], path: Path) -> float:
+def _export(module: nn.Module, shape: tuple[int, ...], location: str) -> float:
     """`export_onnx` with its tolerance scaled to the output's magnitude: the check feeds Gaussian noise,
     on which a trained branch (reading trunk features) can output logits in the hundreds, where 1e-4
     absolute is below float32 resolution."""
@@ -53,7 +54,7 @@ def _export(module: nn.Module, shape: tuple[int, ...], path: Path) -> float:
     with torch.no_grad():
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         scale = float(module.eval()(example).abs().max())
-    return export_onnx(module, shape, path, atol=1e-4 * max(1.0, scale))["max_abs_diff"]
+    return export_onnx(module, shape, location, atol=1e-4 * max(1.0, scale))["max_abs_diff"]
 
 
 def _costs_dict(costs: PairCosts) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def _costs_from_dict(d: Mapping[str, Any]) -> PairCosts:
                      activation_elems=dict(d["activation_elems"]), latency_ms=d["latency_ms"], call_ms=d["call_ms"])
 
 
-def export_pair(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData, out_dir: str | Path,
+def export_pair(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData, out_dir: str | os.PathLike,
                 tau: float, latency: PieceLatency | None = None, measure_device: str | None = "local-cpu",
                 devices_file: str | None = None) -> dict[str, Any]:
     """Export the pair's pieces (BN calibrated per model) and a manifest; returns the manifest.
@@ -75,8 +76,7 @@ def export_pair(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData,
     `measure_device` times each exported piece on this node (batch 1, the device's protocol), which
     predicts E[latency] when no latency model is given.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.normalize(out_dir)
     pair = model.pair_space.validate(pair)
     validation = evaluate_routing(predict_pair(model, pair, data), tau)
     pieces, router = deployable_pieces(model, pair, data)
@@ -87,11 +87,11 @@ def export_pair(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData,
     branch_shape = input_shape
     if pieces.trunk is not None:
         files["trunk"] = "trunk.onnx"
-        checks["trunk"] = _export(pieces.trunk, input_shape, out / "trunk.onnx")
+        checks["trunk"] = _export(pieces.trunk, input_shape, storage.join(out, "trunk.onnx"))
         shapes["trunk"] = list(input_shape)
         branch_shape = _shape_after(pieces.trunk, input_shape)
     for which, module in (("little", pieces.little), ("big", pieces.big)):
-        checks[which] = _export(module, branch_shape, out / files[which])
+        checks[which] = _export(module, branch_shape, storage.join(out, files[which]))
         shapes[which] = list(branch_shape)
     router_input = None
     if router is not None:
@@ -103,7 +103,7 @@ def export_pair(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData,
         files["router"] = "router.onnx"
         with warnings.catch_warnings():  # shape-derived normalisers are constants at a fixed input shape
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            checks["router"] = _export(router_module, router_shape, out / "router.onnx")
+            checks["router"] = _export(router_module, router_shape, storage.join(out, "router.onnx"))
         shapes["router"] = list(router_shape)
 
     costs = PairCostModel(model, latency).costs(pair)
@@ -115,7 +115,8 @@ def export_pair(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData,
         spec = get_device(measure_device, devices_file)
         for which, name in files.items():
             if name is not None:
-                piece_ms[which] = measure_onnx(str(out / name), tuple(shapes[which]), spec).median_ms
+                model_bytes = storage.read_bytes(storage.join(out, name), "onnx")
+                piece_ms[which] = measure_onnx(model_bytes, tuple(shapes[which]), spec).median_ms
     manifest = {
         "format": FORMAT, "coupling": model.coupling, "space": model.space.name,
         "pair": pair.to_dict(), "router": {**model.router.describe(), "tau": float(tau), "input": router_input},
@@ -125,19 +126,19 @@ def export_pair(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData,
         "piece_ms": piece_ms, "measured_on": measure_device,
         "validation": validation,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    storage.write_json(storage.join(out, MANIFEST), manifest)
     return manifest
 
 
-def read_manifest(models_dir: str | Path) -> dict[str, Any]:
-    path = Path(models_dir) / MANIFEST
-    if not path.is_file():
+def read_manifest(models_dir: str | os.PathLike) -> dict[str, Any]:
+    location = storage.join(models_dir, MANIFEST)
+    if not storage.is_file(location):
         raise UserError(f"--models: {models_dir} holds no {MANIFEST} (export a pair with `raynas biglittle export`)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"--models: {path} is not a raynas big/little deployment manifest")
+    manifest = storage.read_json(location, "--models")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"--models: {storage.display(location)} is not a raynas big/little deployment manifest")
     for which, name in manifest["files"].items():
-        if name is not None and not (Path(models_dir) / name).is_file():
+        if name is not None and not storage.is_file(storage.join(models_dir, name)):
             raise UserError(f"--models: {which} model {name} is missing from {models_dir}")
     return manifest
 
@@ -145,15 +146,17 @@ def read_manifest(models_dir: str | Path) -> dict[str, Any]:
 class RoutedRunner:
     """Runs an exported pair per input in onnxruntime, exactly as deployed."""
 
-    def __init__(self, models_dir: str | Path, threads: int = 1, tau: float | None = None):
+    def __init__(self, models_dir: str | os.PathLike, threads: int = 1, tau: float | None = None):
         from raynas.hw.onnx_export import ort_session
 
-        self.dir = Path(models_dir)
+        self.dir = storage.normalize(models_dir)
         self.manifest = read_manifest(self.dir)
         self.tau = float(self.manifest["router"]["tau"] if tau is None else tau)
         self.stage = self.manifest["router"]["stage"]
-        self.sessions = {which: ort_session(self.dir / name, threads=threads)
-                         for which, name in self.manifest["files"].items() if name is not None}
+        # A session holds its model in memory: a temporary download of a remote directory may go after.
+        with storage.local_copy(self.dir) as local:
+            self.sessions = {which: ort_session(local / name, threads=threads)
+                             for which, name in self.manifest["files"].items() if name is not None}
 
     def _run(self, which: str, x: np.ndarray) -> np.ndarray:
         return self.sessions[which].run(None, {"input": x})[0]
@@ -183,21 +186,24 @@ def _stats_ms(samples: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90))}
 
 
-def run_routed(models_dir: str | Path, data_cfg: Mapping[str, Any] | None, *, split: str = "val",
+def run_routed(models_dir: str | os.PathLike, data_cfg: Mapping[str, Any] | None, *, split: str = "val",
                limit: int | None = None, threads: int = 1, tau: float | None = None, warmup: int = 10,
                references: bool = True) -> dict[str, Any]:
     """Run the routed pair on every input of a labelled set; measured accuracy and latency beside the
     predicted E[latency] (latency model and/or per-piece timings) at the observed routing ratio."""
-    from raynas.data import build_dataset
+    from raynas.data import Batches, Normalizer, eval_dataset, normalization
 
     runner = RoutedRunner(models_dir, threads=threads, tau=tau)
     m = runner.manifest
     _, channels, resolution, _ = m["input_shape"]
-    dataset = build_dataset(data_cfg, split, resolution, in_channels=channels, augment=False)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    if n < 1:
+    if limit is not None and limit < 1:
         raise UserError("--limit: expected at least one input")
-    inputs = [(dataset[i][0].unsqueeze(0).numpy(), int(dataset[i][1])) for i in range(n)]
+    dataset = eval_dataset(data_cfg, split, resolution, channels)
+    if limit is not None:
+        dataset = dataset.limit(limit)
+    batches = Batches(dataset, 256, "cpu", Normalizer(*normalization(data_cfg, channels)))
+    inputs = [(x.unsqueeze(0).numpy(), int(y)) for xs, ys in batches for x, y in zip(xs, ys)]
+    n = len(inputs)
     for x, _ in inputs[:warmup]:
         runner.predict(x)
     times, correct, little = [], 0, 0

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from raynas.biglittle.coupling import CoupledSupernet, PairPieces
 from raynas.biglittle.metrics import PairPredictions
@@ -28,22 +27,23 @@ from raynas.train.bn import recalibrate_bn
 
 @dataclass
 class EvalData:
-    """Fixed BN-recalibration images and a labelled evaluation set (both in a fixed order)."""
+    """Fixed BN-recalibration images and a labelled evaluation set (both in a fixed order): re-iterable
+    batches of materialized Ray Datasets (raynas.data)."""
 
-    bn_loader: DataLoader
-    val_loader: DataLoader
+    bn_loader: Iterable
+    val_loader: Iterable
     bn_samples: int
 
 
 def eval_data(data_cfg: Mapping[str, Any] | None, resolution: int, in_channels: int = 3, bn_samples: int = 512,
               batch_size: int = 256, split: str = "val") -> EvalData:
-    from raynas.data import build_dataset, fixed_subset
+    from raynas.data import Batches, Normalizer, eval_dataset, normalization
 
-    train = build_dataset(data_cfg, "train", resolution, in_channels=in_channels, augment=False)
-    bn_set = fixed_subset(train, min(bn_samples, len(train)), seed=0)
-    target = build_dataset(data_cfg, split, resolution, in_channels=in_channels, augment=False)
-    return EvalData(DataLoader(bn_set, batch_size=batch_size, shuffle=False),
-                    DataLoader(target, batch_size=batch_size, shuffle=False), min(bn_samples, len(train)))
+    bn = eval_dataset(data_cfg, "train", resolution, in_channels, num_samples=bn_samples, seed=0)
+    target = eval_dataset(data_cfg, split, resolution, in_channels)
+    normalize = Normalizer(*normalization(data_cfg, in_channels))
+    return EvalData(Batches(bn, batch_size, "cpu", normalize), Batches(target, batch_size, "cpu", normalize),
+                    bn.count())
 
 
 def _router_score(model: CoupledSupernet, logit: torch.Tensor | None) -> torch.Tensor | None:

@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -24,6 +23,7 @@ import ray
 import torch
 import yaml
 
+from raynas import storage
 from raynas.biglittle.costs import PairCostModel, PieceLatency, calibrated_proxy_latency
 from raynas.biglittle.coupling import load_coupled
 from raynas.config_utils import check_known, one_of, positive_float, positive_int, section
@@ -54,8 +54,12 @@ def validate_pair_search_config(cfg: dict[str, Any]) -> dict[str, Any]:
     check_known(cfg, DEFAULTS, "config")
     out: dict[str, Any] = {"checkpoint": cfg.get("checkpoint"), "run_dir": cfg.get("run_dir", DEFAULTS["run_dir"]),
                            "data": dict(cfg.get("data") or DEFAULTS["data"])}
-    if not isinstance(out["checkpoint"], str):
+    if not isinstance(out["checkpoint"], str) or not out["checkpoint"]:
         raise ConfigError("checkpoint: required (a coupled supernet trained with strategy 'biglittle')")
+    if not isinstance(out["run_dir"], str) or not out["run_dir"]:
+        raise ConfigError(f"run_dir: expected a directory path or URI (s3://bucket/prefix), got {out['run_dir']!r}")
+    # Locations are made absolute here: the config is stored with the run and read by other nodes.
+    out["checkpoint"], out["run_dir"] = storage.normalize(out["checkpoint"]), storage.normalize(out["run_dir"])
     tau = cfg.get("tau", DEFAULTS["tau"])
     if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 <= tau <= 1):
         raise ConfigError(f"tau: expected a number in [0, 1], got {tau!r}")
@@ -132,10 +136,11 @@ def load_model(checkpoint: str | bytes, router: str = "checkpoint"):
     return model
 
 
-def pair_pool(checkpoint_path: str, config: PairEvaluatorConfig, num_actors: int):
+def pair_pool(checkpoint: str, config: PairEvaluatorConfig, num_actors: int):
+    """Evaluator actors; the checkpoint (path or URI) reaches them through the object store, never by path."""
     from raynas.search.pool import ActorPool
 
-    ref = ray.put(Path(checkpoint_path).read_bytes())
+    ref = ray.put(storage.read_bytes(checkpoint, "checkpoint"))
     remote_cls = ray.remote(num_cpus=config.threads, max_restarts=0)(PairEvaluator)
     return ActorPool(lambda: remote_cls.remote(ref, config), num_actors)
 
@@ -193,7 +198,7 @@ def run_pair_search(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]
     ctx = SearchContext(space=model.pair_space, estimate=cost_model.estimate, constraints=constraints,
                         objectives=tuple(s["objectives"]), seed=s["seed"])
     algorithm = build_algorithm(s["algorithm"], ctx, s["budget"], **(s["params"] or {}))
-    store = ResultStore(run_dir / "evaluations")
+    store = ResultStore(storage.join(run_dir, "evaluations"))
     init_local_ray(devices=[cfg["latency"]["device"]])
     ev = cfg["evaluator"]
     pool = pair_pool(cfg["checkpoint"], PairEvaluatorConfig(cfg["data"], cfg["tau"], cfg["router"], ev["bn_samples"],
@@ -203,9 +208,9 @@ def run_pair_search(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]
     finally:
         pool.shutdown()
     records = list({r["arch"]: r for r in asked}.values())
-    store.compact(run_dir / "evaluations.parquet")
+    store.compact(storage.join(run_dir, "evaluations.parquet"))
     front = pareto_front([r for r in records if r["feasible"]], ctx.objectives)
-    pd.DataFrame(front).to_parquet(run_dir / "front.parquet")
+    storage.write_pandas(storage.join(run_dir, "front.parquet"), pd.DataFrame(front))
     summary = {
         "space": model.pair_space.name, "coupling": model.coupling, "router": model.router.name,
         "tau": cfg["tau"], "algorithm": algorithm.name, "budget": s["budget"], "evaluations": len(records),
@@ -215,13 +220,13 @@ def run_pair_search(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]
         "front_points": [{k: r[k] for k in ("arch", "accuracy", "e_latency_ms", "peak_latency_ms", "e_macs",
                                             "routing_ratio") if k in r} for r in front],
     }
-    (run_dir / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
-    _plot_front(records, front, run_dir / "pareto.png", ctx.objectives[1])
-    log(f"[biglittle search] {len(records)} pairs, front of {len(front)}; {run_dir}")
-    return {**summary, "run_dir": str(run_dir)}
+    storage.write_text(storage.join(run_dir, "summary.yaml"), yaml.safe_dump(summary, sort_keys=False))
+    _plot_front(records, front, storage.join(run_dir, "pareto.png"), ctx.objectives[1])
+    log(f"[biglittle search] {len(records)} pairs, front of {len(front)}; {storage.display(run_dir)}")
+    return {**summary, "run_dir": run_dir}
 
 
-def _plot_front(records, front, out: Path, x: str) -> None:
+def _plot_front(records, front, out: str, x: str) -> None:
     from raynas.report.pareto_report import plot_pareto
 
     if records and x in records[0]:

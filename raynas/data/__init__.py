@@ -1,7 +1,16 @@
-"""Dataset builders for supernet training and subnet evaluation.
+"""Training and evaluation data, through Ray Data.
 
-`build_dataset(cfg, split, resolution)` returns a map-style dataset of (float CHW tensor, int label)
-at the space's resolution; `shard_loader` gives each Ray Train rank its shard.
+A `data:` config section (raynas.data.config) names a source: the embedded `digits` / `synthetic`
+sets, CIFAR pickles, an ImageFolder tree (`ray.data.read_images`) or Parquet (`ray.data.read_parquet`),
+at a local path or a URI. From it the driver builds Ray Datasets (raynas.data.pipeline):
+
+- `train_dataset`: the training split, in a new seeded order each epoch and augmented on CPU in
+  `map_batches`; Ray Train splits it among the workers (raynas.data.ray_train).
+- `eval_dataset`: a split un-augmented (optionally a fixed seeded subset, e.g. BN recalibration),
+  materialized once in the object store.
+
+Consumers iterate them with `Batches` / `EpochBatches` (raynas.data.batches), which normalise the images
+on the consumer's device.
 """
 
 from __future__ import annotations
@@ -9,46 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from raynas.data.config import DATASETS, validate_data_config
-from raynas.data.loaders import fixed_subset, limit, shard_loader
 from raynas.errors import ConfigError
-
-SPLITS = ("train", "val")
-
-
-def _builder(name: str):
-    if name == "digits":
-        from raynas.data.embedded import digits_dataset as build
-    elif name == "synthetic":
-        from raynas.data.embedded import synthetic_dataset as build
-    elif name in ("cifar10", "cifar100"):
-        from raynas.data.cifar import cifar_dataset as build
-    elif name == "imagefolder":
-        from raynas.data.encoded import imagefolder_dataset as build
-    else:
-        from raynas.data.parquet import parquet_dataset as build
-    return build
-
-
-def build_dataset(cfg: Mapping[str, Any] | None, split: str, resolution: int, *, in_channels: int = 3,
-                  augment: bool | None = None) -> Dataset:
-    """The `split` ("train" or "val") of the dataset described by a `data:` config section.
-
-    Items are normalised float tensors (in_channels x resolution x resolution) and int labels; the
-    dataset has a `num_classes` attribute. Augmentation applies to "train" only, as configured
-    (`augment=False` turns it off, e.g. for BatchNorm recalibration).
-    """
-    cfg = validate_data_config(cfg)
-    if split not in SPLITS:
-        raise ConfigError(f"split: {split!r} is not allowed; allowed: {list(SPLITS)}")
-    if not isinstance(resolution, int) or resolution < 1:
-        raise ConfigError(f"resolution: expected a positive integer, got {resolution!r}")
-    mode = cfg["augment"] if split == "train" and augment is not False else "none"
-    dataset = _builder(cfg["name"])(cfg, split, resolution, in_channels, mode)
-    cap = cfg["max_train_samples"] if split == "train" else cfg["max_val_samples"]
-    return limit(dataset, cap, seed=cfg["split_seed"])
 
 
 def dataset_num_classes(cfg: Mapping[str, Any] | None) -> int:
@@ -65,7 +36,7 @@ def dataset_num_classes(cfg: Mapping[str, Any] | None) -> int:
         cifar_dir(name, cfg["root"])  # fails early, naming the missing file
         return NUM_CLASSES[name]
     if name == "imagefolder":
-        from raynas.data.encoded import imagefolder_num_classes
+        from raynas.data.imagefolder import imagefolder_num_classes
 
         n = imagefolder_num_classes(cfg["root"])
         if n < 2:
@@ -76,5 +47,19 @@ def dataset_num_classes(cfg: Mapping[str, Any] | None) -> int:
     return parquet_num_classes(cfg)
 
 
-__all__ = ["DATASETS", "build_dataset", "dataset_num_classes", "fixed_subset", "limit", "shard_loader",
+def __getattr__(name: str):
+    # Ray and torch load on first use: validating a config or counting classes needs neither.
+    lazy = {"train_dataset": "pipeline", "eval_dataset": "pipeline", "normalization": "pipeline",
+            "train_feed_info": "pipeline", "task_cpus": "pipeline", "Batches": "batches",
+            "EpochBatches": "batches", "Normalizer": "batches", "trainer_datasets": "ray_train",
+            "WorkerData": "ray_train"}
+    if name in lazy:
+        import importlib
+
+        return getattr(importlib.import_module(f"raynas.data.{lazy[name]}"), name)
+    raise AttributeError(f"module 'raynas.data' has no attribute {name!r}")
+
+
+__all__ = ["DATASETS", "Batches", "EpochBatches", "Normalizer", "WorkerData", "dataset_num_classes", "eval_dataset",
+           "normalization", "task_cpus", "train_dataset", "train_feed_info", "trainer_datasets",
            "validate_data_config"]

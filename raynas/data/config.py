@@ -2,14 +2,16 @@
 
 Every dataset shares the loader keys (batch sizes, splits, augmentation); each adds its own
 source keys. Errors are one line naming the field (`data.root: ...`) and what is allowed.
+Data locations (`root`, `path`, `val_path`) are local paths or URIs (s3://, gs://, ...): Ray Data
+reads them from whichever node runs a read, so they are checked through raynas.storage, not the disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from raynas import storage
 from raynas.errors import ConfigError
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "parquet")
@@ -20,7 +22,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "name": "digits",
     "batch_size": 64,          # per worker
     "eval_batch_size": 256,    # per worker, for validation and BN recalibration
-    "loader_workers": 0,       # DataLoader processes per worker; 0 keeps RNG state checkpointable
     "augment": None,           # per-dataset default below
     "val_fraction": 0.2,       # hold-out fraction where the source has no validation split
     "split_seed": 0,           # fixes the hold-out split, identical on every rank and every run
@@ -71,6 +72,14 @@ def _str(cfg: Mapping, key: str, where: str) -> str:
     return value
 
 
+def _location(cfg: Mapping, key: str, where: str) -> str:
+    """A local path (made absolute, so every node reads the same one) or a URI, as given."""
+    try:
+        return storage.normalize(_str(cfg, key, where))
+    except storage.StorageError as exc:
+        raise ConfigError(f"{where}.{key}: {str(exc).split(': ', 1)[-1]}") from None
+
+
 def _channel_list(cfg: Mapping, key: str, where: str, positive: bool) -> list[float] | None:
     value = cfg[key]
     if value is None:
@@ -115,7 +124,6 @@ def validate_data_config(cfg: Mapping[str, Any] | None, where: str = "data",
 
     _int(out, "batch_size", 1, where)
     _int(out, "eval_batch_size", 1, where)
-    _int(out, "loader_workers", 0, where)
     _int(out, "split_seed", 0, where)
     _float(out, "val_fraction", 0.0, 1.0, where)
     for key in ("max_train_samples", "max_val_samples"):
@@ -136,18 +144,18 @@ def validate_data_config(cfg: Mapping[str, Any] | None, where: str = "data",
             raise ConfigError(f"{where}.channels: expected 1 or 3, got {out['channels']!r}")
         _float(out, "noise", 0.0, 100.0, where, closed=True)
     if name in ("cifar10", "cifar100", "imagefolder"):
-        root = Path(_str(out, "root", where)).expanduser()
-        if check_files and not root.is_dir():
-            raise ConfigError(f"{where}.root: directory {root} does not exist")
-        out["root"] = str(root)
+        root = _location(out, "root", where)
+        if check_files and not storage.is_dir(root):
+            raise ConfigError(f"{where}.root: directory {storage.display(root)} does not exist")
+        out["root"] = root
     if name == "parquet":
         for key in ("path", "val_path"):
             if out[key] is None:
                 continue
-            path = Path(_str(out, key, where)).expanduser()
-            if check_files and not path.exists():
-                raise ConfigError(f"{where}.{key}: {path} does not exist")
-            out[key] = str(path)
+            path = _location(out, key, where)
+            if check_files and not storage.exists(path):
+                raise ConfigError(f"{where}.{key}: {storage.display(path)} does not exist")
+            out[key] = path
         _str(out, "image_column", where)
         _str(out, "label_column", where)
         if out["image_column"] == out["label_column"]:

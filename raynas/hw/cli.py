@@ -1,7 +1,9 @@
 """`raynas profile devices|lut|calibrate|validate`: measure devices of the Ray cluster, build and check LUTs.
 
 Machine-readable JSON goes to stdout (one object; one per line when several devices are given), progress
-to stderr. Without `--address` / `RAY_ADDRESS`, a local Ray is started whose node advertises `local-cpu`.
+to stderr. Without `--address` / `RAY_ADDRESS`, a local Ray is started whose node is labelled
+`device=local-cpu`. `--lut`, `--out`, `--calibration` and `--save` are local paths or URIs (s3://...),
+read and written through raynas.storage.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ import argparse
 import json
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
+from raynas import storage
 from raynas.errors import UserError
 
 
@@ -32,7 +34,7 @@ def _common(p: argparse.ArgumentParser, lut_required: bool) -> None:
     p.add_argument("--device", default="local-cpu",
                    help="declared device name (cluster/devices.yaml); several comma-separated run in parallel")
     if lut_required:
-        p.add_argument("--lut", required=True, help="the LUT Parquet file built by `raynas profile lut`")
+        p.add_argument("--lut", required=True, help="the LUT Parquet file built by `raynas profile lut` (path or URI)")
     p.add_argument("--resolution", type=_positive("--resolution"), help="input resolution (default: the space's)")
     p.add_argument("--num-classes", type=_positive("--num-classes"))
     p.add_argument("--checkpoint", help="supernet checkpoint (weights barely change latency; optional)")
@@ -54,7 +56,8 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("lut", help="measure every distinct block of a space on a device (per-block LUT)")
     _common(p, lut_required=False)
-    p.add_argument("--out", required=True, help="LUT Parquet file; existing rows of the same table are reused")
+    p.add_argument("--out", required=True, help="LUT Parquet file (path or URI); existing rows of the same table are "
+                   "reused, and measured blocks are stored as the build goes (a killed build resumes)")
     p.add_argument("--max-archs", type=_positive("--max-archs"), default=3000,
                    help="most subnets scanned for distinct blocks")
     p.add_argument("--patience", type=_positive("--patience"), default=300,
@@ -66,17 +69,19 @@ def register(subparsers) -> None:
     p = sub.add_parser("calibrate", help="fit kappa*sum(LUT)+epsilon (and the other models) on n measured subnets")
     _common(p, lut_required=True)
     p.add_argument("-n", type=_positive("-n"), default=10, help="end-to-end measured subnets (default 10)")
-    p.add_argument("--out", help="calibration JSON (default: next to the LUT, <lut>.calibration.json)")
+    p.add_argument("--out", help="calibration JSON, path or URI (default: next to the LUT, <lut>.calibration.json)")
     _passes(p, "subnet")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("validate", help="accuracy of every latency model on n held-out measured subnets")
     _common(p, lut_required=True)
     p.add_argument("-n", type=_positive("-n"), default=100, help="held-out subnets (default 100)")
-    p.add_argument("--calibration", help="calibration JSON (default: <lut>.calibration.json; made if absent)")
+    p.add_argument("--calibration", help="calibration JSON, path or URI (default: <lut>.calibration.json; "
+                   "made if absent)")
     p.add_argument("--calibration-n", type=_positive("--calibration-n"), default=10,
                    help="subnets measured to calibrate when no calibration exists yet (default 10)")
-    p.add_argument("--save", help="write one row per held-out subnet (measured vs predicted) to this Parquet")
+    p.add_argument("--save", help="write one row per held-out subnet (measured vs predicted) to this Parquet "
+                   "(path or URI)")
     p.add_argument("--json", action="store_true", help="print the JSON summary only")
     _passes(p, "subnet")
     p.set_defaults(func=cmd_validate)
@@ -92,7 +97,7 @@ def _passes(parser, what: str) -> None:
 def _devices(args) -> list:
     from raynas.hw.devices import get_device
 
-    names = [n.strip() for n in args.device.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in args.device.split(",") if n.strip()))
     if not names:
         raise UserError("--device: expected a device name, e.g. local-cpu")
     return [get_device(n, args.devices_file) for n in names]
@@ -154,21 +159,22 @@ def _emit(objects: list[dict]) -> None:
 def _group(lut: str, supernet, device):
     from raynas.hw.lut import TableKey, load_group
 
-    if not Path(lut).is_file():
-        raise UserError(f"--lut: file {lut} does not exist; build it with `raynas profile lut --out {lut}`")
+    if not storage.is_file(lut):
+        raise UserError(f"--lut: file {storage.display(lut)} does not exist; build it with "
+                        f"`raynas profile lut --out {lut}`")
     return load_group(lut, TableKey.of(supernet, device))
 
 
 # ---- commands ----------------------------------------------------------------------------------------------
 def cmd_devices(args) -> None:
-    from raynas.hw.devices import devices_present, load_devices
+    from raynas.hw.devices import LABEL_KEY, device_resource, devices_present, load_devices
 
     declared = load_devices(args.devices_file)
     with _ray(args):
         present = devices_present()
     rows = [{**spec.to_dict(), "present": name in present} for name, spec in declared.items()]
-    rows += [{"name": n, "resource": f"device:{n}", "declared": False, "present": True}
-             for n in present if n not in declared]
+    rows += [{"name": n, "label": f"{LABEL_KEY}={n}", "resource": device_resource(n), "declared": False,
+              "present": True} for n in present if n not in declared]
     if args.json:
         print(json.dumps(rows))
         return
@@ -178,16 +184,19 @@ def cmd_devices(args) -> None:
 
 
 def cmd_lut(args) -> None:
-    from raynas.hw.lut import build_lut, read_lut, write_lut
+    from raynas.hw.lut import build_lut, read_lut
 
     devices = _devices(args)
     supernet = _supernet(args)
-    existing, existing_meta = (None, None) if args.force else read_lut(args.out)
+    # Before any measurement: a foreign file at --out is refused, an unwritable location is reported.
+    existing, existing_meta = read_lut(args.out, "--out")
+    if args.force:
+        existing, existing_meta = None, None
+    storage.check_writable(storage.parent(args.out), "--out")
     with _ray(args), _profilers(devices) as profilers:
         rows, meta = build_lut(supernet, profilers, existing, existing_meta, seed=args.seed,
                                max_archs=args.max_archs, patience=args.patience, passes=args.passes,
-                               show_progress=not args.quiet)
-        write_lut(args.out, rows, meta)
+                               show_progress=not args.quiet, out=args.out)
         nodes = {p.device.name: p.node for p in profilers}
     out = []
     for info in meta.values():
@@ -200,21 +209,25 @@ def cmd_lut(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from raynas.hw.latency import calibration_path, save_calibration
+    from raynas.hw.latency import calibration_path, load_calibration, save_calibration
     from raynas.hw.lut import TableKey
     from raynas.hw.profiling import calibrate_many
 
     devices = _devices(args)
     supernet = _supernet(args)
     tables = {d.name: _group(args.lut, supernet, d)[0] for d in devices}
-    out_path = Path(args.out) if args.out else calibration_path(args.lut)
+    out_path, what = (args.out, "--out") if args.out else (calibration_path(args.lut), "calibration")
+    # Before measuring: a foreign file there would refuse the result; an unwritable location too.
+    for d in devices:
+        load_calibration(out_path, TableKey.of(supernet, d), what)
+    storage.check_writable(storage.parent(out_path), what)
     with _ray(args), _profilers(devices) as profilers:
         records = calibrate_many(supernet, tables, profilers, args.n, args.seed, show_progress=not args.quiet,
                                  passes=args.passes)
     out = []
     for d in devices:
         key, record = TableKey.of(supernet, d), records[d.name]
-        save_calibration(out_path, key, record)
+        save_calibration(out_path, key, record, what)
         lut = record["models"]["lut"]["calibration"]
         out.append({"space": key.space, "device": key.device, "runtime": key.runtime, "resolution": key.resolution,
                     "num_classes": key.num_classes, "n": record["n"], "kappa": lut["slope"],
@@ -234,18 +247,21 @@ def cmd_validate(args) -> None:
     groups = {d.name: _group(args.lut, supernet, d) for d in devices}
     tables = {name: g[0] for name, g in groups.items()}
     build_s = {name: g[1].get("build_s") for name, g in groups.items()}
-    calib_path = Path(args.calibration) if args.calibration else calibration_path(args.lut)
+    calib_path, what = (args.calibration, "--calibration") if args.calibration else \
+        (calibration_path(args.lut), "calibration")
     keys = {d.name: TableKey.of(supernet, d) for d in devices}
-    calibrations = {name: load_calibration(calib_path, key) for name, key in keys.items()}
+    calibrations = {name: load_calibration(calib_path, key, what) for name, key in keys.items()}
+    if args.save:
+        storage.check_writable(storage.parent(args.save), "--save")
     with _ray(args), _profilers(devices) as profilers:
         missing = [p for p in profilers if calibrations[p.device.name] is None]
         if missing:
-            print(f"raynas: no calibration in {calib_path} for {[p.device.name for p in missing]}; "
+            print(f"raynas: no calibration in {storage.display(calib_path)} for {[p.device.name for p in missing]}; "
                   f"measuring {args.calibration_n} subnets to make one", file=sys.stderr)
             made = calibrate_many(supernet, tables, missing, args.calibration_n, args.seed,
                                   show_progress=not args.quiet, passes=args.passes)
             for name, record in made.items():
-                save_calibration(calib_path, keys[name], record)
+                save_calibration(calib_path, keys[name], record, what)
                 calibrations[name] = record
         results = validate_many(supernet, tables, calibrations, profilers, args.n, args.seed, build_s,
                                 show_progress=not args.quiet, passes=args.passes)
@@ -253,8 +269,7 @@ def cmd_validate(args) -> None:
         import pandas as pd
 
         frames = [rows.assign(device=name) for name, (_, rows) in results.items()]
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        pd.concat(frames, ignore_index=True).to_parquet(args.save, index=False)
+        storage.write_pandas(args.save, pd.concat(frames, ignore_index=True))
     summaries = [results[d.name][0] for d in devices]
     if args.json:
         _emit(summaries)

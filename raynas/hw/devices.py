@@ -1,10 +1,12 @@
 """Devices that profiling targets: the declaration file, and how they appear in a Ray cluster.
 
-A device is a node of the Ray cluster that advertises the custom resource `device:<name>` (one unit,
-so measurements on a device are serialised). `cluster/devices.yaml` says how to measure on each device:
-onnxruntime execution provider, intra-op threads, batch size and the timing protocol. The built-in
-`local-cpu` device is this machine with onnxruntime's CPU provider; `init_local_ray` advertises it
-when raynas starts Ray by itself.
+A device is a node of the Ray cluster labelled `device=<name>` (`ray start --labels device=NAME`,
+`ray.init(labels={"device": NAME})`); profiler actors are placed on it with a label selector. Boards
+that joined before labels existed advertise the custom resource `device:<name>` instead, and still work:
+when no node has the label but one has the resource, the actor asks for the resource.
+`cluster/devices.yaml` says how to measure on each device: onnxruntime execution provider, intra-op
+threads, batch size and the timing protocol. The built-in `local-cpu` device is this machine with
+onnxruntime's CPU provider; `init_local_ray` labels the local node with it when raynas starts Ray itself.
 
 This module imports neither torch nor the supernets: an edge board only needs ray, onnxruntime and yaml.
 """
@@ -12,6 +14,7 @@ This module imports neither torch nor the supernets: an edge board only needs ra
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -22,8 +25,11 @@ import yaml
 
 from raynas.errors import ConfigError, UserError
 
-RESOURCE_PREFIX = "device:"
+LABEL_KEY = "device"  # the node label naming the device a node is: device=<name>
+RESOURCE_PREFIX = "device:"  # the custom resource of boards that joined before labels: device:<name>
 DEFAULT_DEVICE = "local-cpu"
+# The name is the value of the node label device=<name>: Ray (like Kubernetes) allows these.
+DEVICE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 MIN_RUNS = 50  # the measurement protocol of the project: never fewer timed runs than this
 CLOCKS = ("wall", "thread")
 
@@ -38,7 +44,7 @@ RUNTIME_PROVIDERS: dict[str, tuple[str, ...]] = {
 
 
 class DeviceNotPresent(UserError):
-    """No node of the Ray cluster advertises the requested device."""
+    """No node of the Ray cluster is the requested device (no label device=<name>, no resource device:<name>)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,8 @@ class MeasurementProtocol:
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """One declared device. `resource` is the Ray custom resource its node advertises."""
+    """One declared device. `label` is the node label of its node; `resource` the custom resource of
+    boards that advertise the device the older way."""
 
     name: str
     runtime: str = "cpu"
@@ -98,17 +105,22 @@ class DeviceSpec:
         return device_resource(self.name)
 
     @property
+    def label(self) -> str:
+        return f"{LABEL_KEY}={self.name}"
+
+    @property
     def providers(self) -> list[str]:
         return list(RUNTIME_PROVIDERS[self.runtime])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["label"] = self.label
         d["resource"] = self.resource
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DeviceSpec:
-        d = {k: v for k, v in d.items() if k != "resource"}
+        d = {k: v for k, v in d.items() if k not in ("label", "resource")}
         protocol = MeasurementProtocol(**d.pop("protocol", {}))
         return cls(**d, protocol=protocol)
 
@@ -126,6 +138,10 @@ def _is_int(value: Any) -> bool:
 
 def device_resource(name: str) -> str:
     return f"{RESOURCE_PREFIX}{name}"
+
+
+def device_label_selector(name: str) -> dict[str, str]:
+    return {LABEL_KEY: name}
 
 
 def default_devices_file() -> Path | None:
@@ -168,8 +184,9 @@ def parse_devices(cfg: Any, source: str = "devices.yaml") -> dict[str, DeviceSpe
     devices = {}
     for name, spec in declared.items():
         where = f"{source}: devices.{name}"
-        if not isinstance(name, str) or not name or any(c in name for c in " :,{}\"'"):
-            raise ConfigError(f"{where}: device names are non-empty strings without spaces, ':' or quotes")
+        if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a device name is a node label value: 1-63 letters, digits, '.', '_' "
+                              "or '-', starting and ending with a letter or digit")
         spec = spec or {}
         if not isinstance(spec, Mapping):
             raise ConfigError(f"{where}: expected a mapping with fields {list(DEVICE_KEYS)}")
@@ -219,29 +236,59 @@ def get_device(name: str, path: str | Path | None = None) -> DeviceSpec:
 
 
 # ---- Ray ------------------------------------------------------------------------------------------
-def devices_present() -> dict[str, float]:
-    """Devices advertised by the alive nodes of the connected Ray cluster: name -> units."""
+def device_nodes() -> dict[str, dict[str, float]]:
+    """Devices of the alive nodes of the connected Ray cluster: name -> {"label": nodes labelled
+    device=<name>, "resource": units of the resource device:<name>} (absent keys are 0)."""
     import ray
 
-    return {k[len(RESOURCE_PREFIX):]: v for k, v in sorted(ray.cluster_resources().items())
-            if k.startswith(RESOURCE_PREFIX)}
+    found: dict[str, dict[str, float]] = {}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        name = (node.get("Labels") or {}).get(LABEL_KEY)
+        if name:
+            entry = found.setdefault(name, {"label": 0, "resource": 0.0})
+            entry["label"] += 1
+        for key, units in (node.get("Resources") or {}).items():
+            if key.startswith(RESOURCE_PREFIX) and units > 0:
+                entry = found.setdefault(key[len(RESOURCE_PREFIX):], {"label": 0, "resource": 0.0})
+                entry["resource"] += units
+    return dict(sorted(found.items()))
 
 
-def ensure_device_present(name: str, wait_s: float = 2.0) -> None:
-    """Fail fast (never hang on an unschedulable task) when no node advertises `device:<name>`.
+def devices_present() -> dict[str, float]:
+    """Devices of the connected Ray cluster, by label or by resource: name -> labelled nodes + resource units."""
+    return {name: entry["label"] + entry["resource"] for name, entry in device_nodes().items()}
 
-    Waits up to `wait_s` because a node that has just joined takes a moment to show its resources.
+
+def placement_options(name: str, nodes: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """Ray `.options(...)` that place an actor on the device's node: the label selector when some node has
+    the label, else the resource (a board that advertises only `device:<name>`); {} when neither exists."""
+    entry = (device_nodes() if nodes is None else nodes).get(name)
+    if not entry:
+        return {}
+    if entry["label"]:
+        return {"label_selector": device_label_selector(name)}
+    return {"resources": {device_resource(name): 1}}
+
+
+def ensure_device_present(name: str, wait_s: float = 2.0) -> dict[str, Any]:
+    """The placement options of device `name` (see `placement_options`); fails fast, never hangs on an
+    unschedulable actor, when no node is that device.
+
+    Waits up to `wait_s` because a node that has just joined takes a moment to show its labels and resources.
     """
     deadline = time.monotonic() + wait_s
     while True:
-        present = devices_present()
-        if name in present:
-            return
+        nodes = device_nodes()
+        options = placement_options(name, nodes)
+        if options:
+            return options
         if time.monotonic() >= deadline:
             raise DeviceNotPresent(
-                f"device '{name}': no node of the Ray cluster advertises resource '{device_resource(name)}'; "
-                f"devices present: {sorted(present) or 'none'} (join one with "
-                f"cluster/join_edge_worker.sh HEAD_ADDRESS {name})")
+                f"device '{name}': no node of the Ray cluster is labelled {LABEL_KEY}={name} (or advertises "
+                f"resource '{device_resource(name)}'); devices present: {sorted(nodes) or 'none'} (join one with "
+                f"cluster/join_edge_worker.sh HEAD_ADDRESS {name}, i.e. `ray start --labels {LABEL_KEY}={name}`)")
         time.sleep(0.2)
 
 
@@ -250,10 +297,11 @@ def init_local_ray(devices: Iterable[str] = (DEFAULT_DEVICE,), address: str | No
     """Connect to the Ray cluster raynas should use; returns True when this call started Ray.
 
     * already initialised: left alone.
-    * `address` given or `RAY_ADDRESS` set (e.g. under `ray job submit`): connect; the nodes already
-      advertise their devices (`ray start --resources='{"device:NAME": 1}'`).
-    * otherwise: start a fresh local Ray (address="local", never some other session's cluster) whose
-      node advertises `device:<d>` for each of `devices` (the local machine, normally `local-cpu`).
+    * `address` given or `RAY_ADDRESS` set (e.g. under `ray job submit`): connect; the nodes already say
+      which device they are (`ray start --labels device=NAME`).
+    * otherwise: start a fresh local Ray (address="local", never some other session's cluster) whose node
+      is labelled `device=<first of devices>` (normally `local-cpu`). A node has one value per label, so
+      further names are advertised as `device:<name>` resources, the form older boards use.
     """
     import ray
 
@@ -270,8 +318,10 @@ def init_local_ray(devices: Iterable[str] = (DEFAULT_DEVICE,), address: str | No
             raise UserError(
                 f"--address {address or os.environ['RAY_ADDRESS']}: cannot connect to the Ray cluster ({exc}); "
                 "is it running? With token authentication set RAY_AUTH_MODE=token and the head's token "
-                "(RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
+                "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
         return True
-    resources = {device_resource(d): 1 for d in devices}
-    ray.init(address="local", num_cpus=num_cpus, resources=resources, **kwargs)
+    names = list(dict.fromkeys(devices))
+    labels = {**kwargs.pop("labels", {}), **({LABEL_KEY: names[0]} if names else {})}
+    resources = {**kwargs.pop("resources", {}), **{device_resource(d): 1 for d in names[1:]}}
+    ray.init(address="local", num_cpus=num_cpus, labels=labels, resources=resources or None, **kwargs)
     return True

@@ -16,11 +16,13 @@ Search uses them through `LatencyModel.predict(arch) -> ms`; build one with `loa
 
 The calibration (kappa, epsilon per model and the measured subnets) lives in a small JSON file next
 to the LUT (`calibration_path(lut)`), keyed like the table by space|device|runtime|resolution|num_classes.
+Both are read and written through raynas.storage: a local path or a URI (s3://...) alike.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
+from raynas import storage
 from raynas.errors import UserError
 from raynas.hw.features import FEATURES, block_features
 from raynas.hw.lut import TableKey, load_group
@@ -264,28 +267,55 @@ def build_models(supernet: Supernet, table: pd.DataFrame) -> dict[str, Calibrate
 
 
 # ---- calibration file -------------------------------------------------------------------------------
-def calibration_path(lut_path: str | Path) -> Path:
-    """Where the calibration of a LUT file lives: `lut.parquet` -> `lut.calibration.json`."""
-    p = Path(lut_path)
-    return p.with_name(p.stem + ".calibration.json")
+CALIBRATION_FORMAT = 1
 
 
-def save_calibration(path: str | Path, key: TableKey, record: dict) -> None:
-    """Store one group's calibration (coefficients per model + the measured subnets) in the JSON file."""
-    path = Path(path)
-    data = json.loads(path.read_text()) if path.is_file() else {"format": 1, "groups": {}}
+def calibration_path(lut: str | os.PathLike) -> str:
+    """Where the calibration of a LUT lives, beside it: `.../lut.parquet` -> `.../lut.calibration.json`
+    (a path or URI, like the LUT's location)."""
+    stem = os.path.splitext(storage.basename(lut))[0]
+    return storage.join(storage.parent(lut), f"{stem}.calibration.json")
+
+
+def _read_calibrations(location: str | os.PathLike, what: str) -> dict:
+    """The whole calibration file; anything else (not JSON, another JSON) is one UserError line naming it."""
+    data = storage.read_json(location, what)
+    groups = data.get("groups") if isinstance(data, dict) else None
+    problem = None
+    if not isinstance(groups, dict):
+        problem = "no 'groups' object"
+    else:
+        for gid, group in groups.items():
+            models = group.get("models") if isinstance(group, dict) else None
+            if not isinstance(models, dict) or any(not _is_affine((models.get(k) or {}).get("calibration"))
+                                                   for k in MODEL_KINDS):
+                problem = f"group {gid!r} lacks kappa/epsilon of the models {list(MODEL_KINDS)}"
+                break
+    if problem:
+        raise UserError(f"{what}: {storage.display(location)} is not a raynas calibration file ({problem}); "
+                        "allowed: the JSON `raynas profile calibrate` writes")
+    return data
+
+
+def _is_affine(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(k), (int, float)) and not isinstance(value.get(k), bool)
+                                           for k in ("slope", "intercept"))
+
+
+def save_calibration(location: str | os.PathLike, key: TableKey, record: dict, what: str = "calibration") -> None:
+    """Store one group's calibration (coefficients per model + the measured subnets) in the JSON file at
+    `location` (path or URI; other groups stay). Atomic, through raynas.storage."""
+    data = _read_calibrations(location, what) if storage.exists(location) else \
+        {"format": CALIBRATION_FORMAT, "groups": {}}
     data["groups"][key.id] = {**asdict(key), **record}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    storage.write_text(location, json.dumps(data, indent=1))
 
 
-def load_calibration(path: str | Path, key: TableKey) -> dict | None:
-    path = Path(path)
-    if not path.is_file():
+def load_calibration(location: str | os.PathLike, key: TableKey, what: str = "calibration") -> dict | None:
+    """One group's calibration record, None when the file or the group is absent."""
+    if not storage.exists(location):
         return None
-    return json.loads(path.read_text())["groups"].get(key.id)
+    return _read_calibrations(location, what)["groups"].get(key.id)
 
 
 def load_latency_model(kind: str, lut: str | Path, space: str | Path | None = None, device: str = "local-cpu",
@@ -311,10 +341,10 @@ def load_latency_model(kind: str, lut: str | Path, space: str | Path | None = No
 
         supernet = build_supernet(load_space(space, resolution=resolution, num_classes=num_classes)).eval()
     key = TableKey.of(supernet, get_device(device, devices_file))
-    calib_file = Path(calibration) if calibration else calibration_path(lut)
+    calib_file = calibration or calibration_path(lut)
     record = load_calibration(calib_file, key)
     if record is None and require_calibration:
-        raise UserError(f"--lut {lut}: no calibration for {key.id} in {calib_file}; "
+        raise UserError(f"--lut {storage.display(lut)}: no calibration for {key.id} in {storage.display(calib_file)}; "
                         f"run `raynas profile calibrate --space {key.space} --device {key.device} --lut {lut}`")
     affine = Affine(**record["models"][kind]["calibration"]) if record else None
     if kind in ("flops", "params"):

@@ -7,13 +7,16 @@ smallest, the largest and random subnets until `patience` samples in a row bring
 optional family hook `supernet.block_variants(resolution) -> Iterable[Block]`).
 
 Tables are Parquet, one row per (space, device, runtime, resolution, num_classes, key); a file may hold
-several groups. Building again into the same file measures only the keys it lacks.
+several groups. A LUT lives at a location raynas.storage reads and writes (a local path or a URI such as
+s3://bucket/luts/x.parquet). Building again into the same location measures only the keys it lacks, and a
+build persists its blocks as it goes, so a killed one resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from tqdm import tqdm
 
+from raynas import storage
+from raynas.errors import UserError
 from raynas.hw.devices import DeviceSpec
 from raynas.hw.features import FEATURES, block_features
 from raynas.hw.measure import identity_onnx
@@ -160,7 +164,8 @@ def onnx_bytes(module, input_shape: tuple[int, ...]) -> bytes:
 # ---- measuring on several devices at once -------------------------------------------------------------
 def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callable[[], tuple[bytes, tuple]]]],
                        chunk: int = 8, desc: str = "measuring", show_progress: bool = True, passes: int = 1,
-                       seed: int = 0) -> dict[str, list[dict]]:
+                       seed: int = 0, on_done: Callable[[dict[str, dict[str, dict]]], None] | None = None
+                       ) -> dict[str, list[dict]]:
     """Measure every `(tag, make)` on every profiler, `make() -> (onnx_bytes, input_shape)` exporting
     the model; returns the records per device name, in `items` order.
 
@@ -172,20 +177,31 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
     with the median latency (the lower one of an even count): a host whose speed drifts (other jobs,
     thermal) then spreads its drift over all models instead of biasing the ones measured in a slow moment.
     `pass_spread` records (max - min) / median of the passes.
+
+    `on_done(done)`, when given, is called each time models are complete (every pass measured) with all
+    complete ones so far, `{device: {tag: record}}`, e.g. to persist them before the rest is measured.
     """
     driver_node = ray.get_runtime_context().get_node_id()
     overlap = all(p.node["node_id"] != driver_node for p in profilers)
     per_pass: dict[str, dict[str, list[dict]]] = {p.device.name: {} for p in profilers}
+    done: dict[str, dict[str, dict]] = {p.device.name: {} for p in profilers}
     bar = progress(total=len(items) * len(profilers) * passes, desc=desc, unit="model", disable=not show_progress)
     exported: dict[str, tuple] = {}  # tag -> (object ref, shape): exported once, measured every pass
     pending: list = []
 
     def collect(refs) -> None:
+        completed = False
         for name, ref in refs:
             records = ray.get(ref)
             for r in records:
-                per_pass[name].setdefault(r["tag"], []).append(r)
+                runs = per_pass[name].setdefault(r["tag"], [])
+                runs.append(r)
+                if len(runs) == passes:
+                    done[name][r["tag"]] = _median_pass(runs)
+                    completed = True
             bar.update(len(records))
+        if completed and on_done is not None:
+            on_done(done)
 
     rng = np.random.default_rng(seed)
     for n in range(passes):
@@ -212,23 +228,22 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
                 collect(refs)
     collect(pending)
     bar.close()
-    results: dict[str, list[dict]] = {}
-    for name, by_tag in per_pass.items():
-        results[name] = []
-        for tag, _ in items:
-            runs = sorted(by_tag[tag], key=lambda r: r["median_ms"])
-            chosen = dict(runs[(len(runs) - 1) // 2])
-            medians = [r["median_ms"] for r in runs]
-            chosen["passes"] = len(runs)
-            chosen["pass_spread"] = (medians[-1] - medians[0]) / chosen["median_ms"] if chosen["median_ms"] else 0.0
-            results[name].append(chosen)
-    return results
+    return {name: [by_tag[tag] for tag, _ in items] for name, by_tag in done.items()}
+
+
+def _median_pass(runs: list[dict]) -> dict:
+    runs = sorted(runs, key=lambda r: r["median_ms"])
+    chosen = dict(runs[(len(runs) - 1) // 2])
+    medians = [r["median_ms"] for r in runs]
+    chosen["passes"] = len(runs)
+    chosen["pass_spread"] = (medians[-1] - medians[0]) / chosen["median_ms"] if chosen["median_ms"] else 0.0
+    return chosen
 
 
 # ---- the table ------------------------------------------------------------------------------------------
 def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFrame | None = None,
               existing_meta: dict[str, dict] | None = None, seed: int = 0, max_archs: int = 3000,
-              patience: int = 300, passes: int = 1, show_progress: bool = True
+              patience: int = 300, passes: int = 1, show_progress: bool = True, out: str | None = None
               ) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Measure every distinct block of `supernet`'s space on each device, in parallel across devices.
 
@@ -236,6 +251,11 @@ def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFr
     reused, not measured again. Returns the rows of all groups touched (existing + new) and per-group
     metadata; `build_s` is the total time spent on the group over every build that contributed rows.
     `passes`: see `measure_on_devices` (more passes, steadier entries on a host whose speed drifts).
+
+    `out`: a LUT location (path or URI). The blocks measured so far are merged into it as the build goes
+    (each write atomic, through raynas.storage), and the result at the end, so a killed build keeps what it
+    measured and the next build reading `out` measures only the rest. Without `out` nothing is written
+    (the caller stores the result with `write_lut`).
     """
     t0 = time.perf_counter()
     catalogue = collect_block_configs(supernet, seed=seed, max_archs=max_archs, patience=patience,
@@ -254,49 +274,62 @@ def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFr
     def maker(block: Block):
         return lambda: (onnx_bytes(block.module, block.in_shape), block.in_shape)
 
-    items = [(k, maker(catalogue.blocks[k])) for k in wanted]
-    # onnxruntime's fixed cost per call, per distinct input shape (see measure.identity_onnx)
+    # onnxruntime's fixed cost per call, per distinct input shape (see measure.identity_onnx). Measured
+    # first: a block's row needs it, so blocks are complete (and persisted) from the first chunk on.
     shapes = sorted({tuple(catalogue.blocks[k].in_shape) for k in wanted})
-    items += [(f"identity:{list(s)}", (lambda s=s: (identity_onnx(s), s))) for s in shapes]
+    items = [(f"identity:{list(s)}", (lambda s=s: (identity_onnx(s), s))) for s in shapes]
+    items += [(k, maker(catalogue.blocks[k])) for k in wanted]
+
+    def assemble(done: dict[str, dict[str, dict]]) -> tuple[pd.DataFrame, dict[str, dict]]:
+        """The table and metadata of every group from the rows reused and the blocks complete in `done`."""
+        build_s = time.perf_counter() - t0
+        frames, meta = [], {}
+        for p in profilers:
+            key = keys[p.device.name]
+            records = done.get(p.device.name, {})
+            overhead = {tuple(json.loads(t.split(":", 1)[1])): r["median_ms"]
+                        for t, r in records.items() if t.startswith("identity:")}
+            rows = []
+            for k in wanted:
+                b = catalogue.blocks[k]
+                if k in have[p.device.name] or k not in records or tuple(b.in_shape) not in overhead:
+                    continue
+                r, oh = records[k], overhead[tuple(b.in_shape)]
+                rows.append({
+                    **asdict(key), "key": k, "position": catalogue.positions[k],
+                    "in_shape": json.dumps(list(b.in_shape)),
+                    "latency_ms": max(r["median_ms"] - oh, 0.0), "median_ms": r["median_ms"], "overhead_ms": oh,
+                    "iqr_ms": r["iqr_ms"], "runs": r["runs"], "series": r["series"], "clock": r["clock"],
+                    "wall_median_ms": r["wall_median_ms"], "passes": r["passes"], "pass_spread": r["pass_spread"],
+                    **{f"f_{name}": features[k][name] for name in FEATURES},
+                    "node_id": r["node_id"], "hostname": r["hostname"], "measured_at": r["measured_at"],
+                })
+            new = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+            group = pd.concat([old[p.device.name], new], ignore_index=True) if len(new) else old[p.device.name]
+            frames.append(group)
+            reused = len(group) - len(new)
+            previous_s = (existing_meta or {}).get(key.id, {}).get("build_s", 0.0) if reused else 0.0
+            meta[key.id] = {
+                **asdict(key), "build_s": round(previous_s + (build_s if len(new) else 0.0), 3),
+                "blocks": int(len(group)), "measured": len(new),
+                "reused": int(reused), "archs_scanned": catalogue.archs_scanned,
+                "threads": p.device.threads, "batch_size": p.device.batch_size, "passes": passes,
+                "protocol": asdict(p.device.protocol), "onnxruntime": p.node.get("onnxruntime"),
+                "hostname": p.node.get("hostname"),
+            }
+        return pd.concat(frames, ignore_index=True), meta
+
+    def persist(done: dict[str, dict[str, dict]]) -> None:
+        write_lut(out, *assemble(done))
+
     # Every device measures every wanted block (they run in parallel); rows a device already had are kept.
     measured = measure_on_devices(profilers, items, desc=f"LUT {supernet.space.name}", passes=passes, seed=seed,
-                                  show_progress=show_progress) if wanted else {}
-    build_s = time.perf_counter() - t0
-
-    frames, meta = [], {}
-    for p in profilers:
-        key = keys[p.device.name]
-        records = {r["tag"]: r for r in measured.get(p.device.name, [])}
-        overhead = {tuple(json.loads(t.split(":", 1)[1])): r["median_ms"]
-                    for t, r in records.items() if t.startswith("identity:")}
-        rows = []
-        for k in wanted:
-            if k in have[p.device.name]:
-                continue
-            r, b = records[k], catalogue.blocks[k]
-            oh = overhead[tuple(b.in_shape)]
-            rows.append({
-                **asdict(key), "key": k, "position": catalogue.positions[k], "in_shape": json.dumps(list(b.in_shape)),
-                "latency_ms": max(r["median_ms"] - oh, 0.0), "median_ms": r["median_ms"], "overhead_ms": oh,
-                "iqr_ms": r["iqr_ms"], "runs": r["runs"], "series": r["series"], "clock": r["clock"],
-                "wall_median_ms": r["wall_median_ms"], "passes": r["passes"], "pass_spread": r["pass_spread"],
-                **{f"f_{name}": features[k][name] for name in FEATURES},
-                "node_id": r["node_id"], "hostname": r["hostname"], "measured_at": time.time(),
-            })
-        new = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-        group = pd.concat([old[p.device.name], new], ignore_index=True) if len(new) else old[p.device.name]
-        frames.append(group)
-        reused = len(group) - len(new)
-        previous_s = (existing_meta or {}).get(key.id, {}).get("build_s", 0.0) if reused else 0.0
-        meta[key.id] = {
-            **asdict(key), "build_s": round(previous_s + (build_s if len(new) else 0.0), 3),
-            "blocks": int(len(group)), "measured": len(new),
-            "reused": int(reused), "archs_scanned": catalogue.archs_scanned,
-            "threads": p.device.threads, "batch_size": p.device.batch_size, "passes": passes,
-            "protocol": asdict(p.device.protocol), "onnxruntime": p.node.get("onnxruntime"),
-            "hostname": p.node.get("hostname"),
-        }
-    return pd.concat(frames, ignore_index=True), meta
+                                  show_progress=show_progress, on_done=persist if out is not None else None
+                                  ) if wanted else {}
+    rows, meta = assemble({name: {r["tag"]: r for r in records} for name, records in measured.items()})
+    if out is not None:
+        write_lut(out, rows, meta)
+    return rows, meta
 
 
 def _same_settings(meta: dict | None, device: DeviceSpec) -> bool:
@@ -321,20 +354,43 @@ def select(table: pd.DataFrame, key: TableKey) -> pd.DataFrame:
     return table[mask].reset_index(drop=True)
 
 
-def read_lut(path: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """All groups of a LUT file and their metadata ({} for a file that does not exist yet)."""
-    path = Path(path)
-    if not path.is_file():
+def read_lut(location: str | os.PathLike, what: str = "--lut") -> tuple[pd.DataFrame, dict[str, dict]]:
+    """All groups of a LUT (a path or URI) and their metadata ({} for a LUT that does not exist yet).
+
+    A file that is not a LUT (unreadable, another Parquet, columns missing) is one `UserError` line
+    naming `what` (the option that gave the location) and the file.
+    """
+    if not storage.exists(location):
         return empty_table(), {}
-    table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-    return table.to_pandas(), meta
+    table = storage.read_table(location, what)
+    return table.to_pandas(), _lut_meta(table, location, what)
 
 
-def write_lut(path: str | Path, rows: pd.DataFrame, meta: dict[str, dict]) -> None:
-    """Merge `rows` (whole groups) into the file at `path`, replacing those groups; other groups stay."""
-    path = Path(path)
-    table, old_meta = read_lut(path)
+def _lut_meta(table: pa.Table, location: str | os.PathLike, what: str) -> dict[str, dict]:
+    def refuse(reason: str) -> UserError:
+        return UserError(f"{what}: {storage.display(location)} is not a raynas LUT ({reason}); allowed: a "
+                         "Parquet file written by `raynas profile lut` (or a location not holding a file yet)")
+
+    missing = [c for c in TABLE_COLUMNS if c not in table.column_names]
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise refuse(f"missing columns {missing[:4]}{more}")
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise refuse(f"no '{META_KEY.decode()}' metadata")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or not all(isinstance(m, dict) for m in meta.values()):
+        raise refuse(f"its '{META_KEY.decode()}' metadata is not a JSON object of groups")
+    return meta
+
+
+def write_lut(location: str | os.PathLike, rows: pd.DataFrame, meta: dict[str, dict], what: str = "--lut") -> None:
+    """Merge `rows` (whole groups) into the LUT at `location` (path or URI), replacing those groups; other
+    groups stay. The write is atomic (raynas.storage): a reader sees the old table or the new one."""
+    table, old_meta = read_lut(location, what)
     replaced = set(rows[list(GROUP_COLUMNS)].astype(str).agg("|".join, axis=1)) if len(rows) else set()
     replaced |= set(meta)
     if len(table):
@@ -345,20 +401,15 @@ def write_lut(path: str | Path, rows: pd.DataFrame, meta: dict[str, dict]) -> No
     old_meta.update(meta)
     arrow = pa.Table.from_pandas(merged[TABLE_COLUMNS], preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), META_KEY: json.dumps(old_meta).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    pq.write_table(arrow, tmp)
-    tmp.replace(path)
+    storage.write_table(location, arrow)
 
 
-def load_group(path: str | Path, key: TableKey) -> tuple[pd.DataFrame, dict]:
-    """One group of a LUT file; raises a UserError naming what the file holds when it is absent."""
-    from raynas.errors import UserError
-
-    table, meta = read_lut(path)
+def load_group(location: str | os.PathLike, key: TableKey, what: str = "--lut") -> tuple[pd.DataFrame, dict]:
+    """One group of a LUT; raises a UserError naming what the file holds when it is absent."""
+    table, meta = read_lut(location, what)
     rows = select(table, key)
     if not len(rows):
         held = sorted(meta) or ["nothing"]
-        raise UserError(f"--lut {path}: no table for {key.id} (space|device|runtime|resolution|num_classes); "
-                        f"the file holds {held}; build it with `raynas profile lut`")
+        raise UserError(f"{what} {storage.display(location)}: no table for {key.id} (space|device|runtime|resolution|"
+                        f"num_classes); the file holds {held}; build it with `raynas profile lut`")
     return rows, meta.get(key.id, {})

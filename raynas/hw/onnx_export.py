@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import tempfile
 from pathlib import Path
 
@@ -11,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from raynas import storage
 
 OPSET = 17
 
@@ -34,13 +36,14 @@ def ort_session(path: str | Path, threads: int = 1, providers: list[str] | None 
 
 
 @torch.no_grad()
-def export_onnx(module: nn.Module, input_shape: tuple[int, ...], out: str | Path, atol: float = 1e-4,
+def export_onnx(module: nn.Module, input_shape: tuple[int, ...], out: str | os.PathLike, atol: float = 1e-4,
                 dynamic_batch: bool = True, seed: int = 0) -> dict:
-    """Write `module` (eval mode) as ONNX at `out` after checking ORT matches PyTorch within `atol`.
+    """Write `module` (eval mode) as ONNX at `out` (a local path or URI, through raynas.storage) after
+    checking ORT matches PyTorch within `atol`.
 
     Returns {"path", "max_abs_diff"}. Nothing is written when the check fails.
     """
-    out = Path(out)
+    out = str(out)
     module = module.eval()
     example = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
     expected = module(example).numpy()
@@ -52,6 +55,5 @@ def export_onnx(module: nn.Module, input_shape: tuple[int, ...], out: str | Path
         diff = float(np.max(np.abs(got - expected))) if expected.size else 0.0
         if not np.isfinite(diff) or diff > atol:
             raise ExportMismatch(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol})")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp_path), out)
+        storage.write_bytes(out, tmp_path.read_bytes())
     return {"path": str(out), "max_abs_diff": diff}

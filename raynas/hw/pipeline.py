@@ -1,7 +1,8 @@
 """Profile spaces on every device present in the Ray cluster: LUT, calibration and (optionally) validation.
 
 What `pipelines/profile_devices.py` runs under `ray job submit`. Devices are measured in parallel (one
-profiler actor per device node); the files land in `out_dir`:
+profiler actor per device node); the files land in `out_dir`, a local directory or a URI prefix
+(s3://bucket/profile), written through raynas.storage (a re-run resumes from what is stored there):
 
   <space>.lut.parquet              the per-block LUTs of every device (one group per device)
   <space>.lut.calibration.json     kappa/epsilon of every model, per device
@@ -12,29 +13,32 @@ profiler actor per device node); the files land in `out_dir`:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from raynas import storage
 from raynas.errors import UserError
-from raynas.hw.devices import DeviceSpec, devices_present, load_devices
-from raynas.hw.latency import calibration_path, save_calibration
-from raynas.hw.lut import TableKey, build_lut, read_lut, select, write_lut
+from raynas.hw.devices import LABEL_KEY, DeviceSpec, device_resource, devices_present, load_devices
+from raynas.hw.latency import calibration_path, load_calibration, save_calibration
+from raynas.hw.lut import TableKey, build_lut, read_lut, select
 from raynas.hw.profiling import calibrate_many, validate_many
 from raynas.hw.remote import start_profiler
 
 
 def devices_to_profile(devices_file: str | Path | None = None, only: Sequence[str] | None = None
                        ) -> tuple[list[DeviceSpec], list[str]]:
-    """Declared devices that some node advertises (all of them, or `only`), and the names skipped and why."""
+    """Declared devices that some node is (by label or resource; all of them, or `only`), and the names
+    skipped and why."""
     declared = load_devices(devices_file)
     present = devices_present()
-    wanted = list(only) if only else sorted(present)
+    wanted = list(dict.fromkeys(only)) if only else sorted(present)
     chosen, skipped = [], []
     for name in wanted:
         if name not in present:
-            skipped.append(f"{name}: no node advertises device:{name}")
+            skipped.append(f"{name}: no node is labelled {LABEL_KEY}={name} or advertises {device_resource(name)}")
         elif name not in declared:
             skipped.append(f"{name}: present but not declared in the devices file (runtime/threads unknown)")
         else:
@@ -45,33 +49,37 @@ def devices_to_profile(devices_file: str | Path | None = None, only: Sequence[st
     return chosen, skipped
 
 
-def profile_devices(spaces: Sequence[str], out_dir: str | Path, devices: Sequence[DeviceSpec],
+def profile_devices(spaces: Sequence[str], out_dir: str | os.PathLike, devices: Sequence[DeviceSpec],
                     resolution: int | None = None, calibration_n: int = 10, validate_n: int = 0,
                     seed: int = 0, patience: int = 300, max_archs: int = 3000, passes: int = 1,
                     show_progress: bool = True) -> dict[str, Any]:
     from raynas.space import load_space
     from raynas.supernets import build_supernet
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.check_writable(out_dir, "--out")
     summary: dict[str, Any] = {"devices": [d.name for d in devices], "spaces": {}}
     profilers = [start_profiler(d) for d in devices]
     try:
         summary["nodes"] = {p.device.name: p.node for p in profilers}
         for name in spaces:
             supernet = build_supernet(load_space(name, resolution=resolution)).eval()
-            lut_path = out_dir / f"{supernet.space.name}.lut.parquet"
+            lut_path = storage.join(out_dir, f"{supernet.space.name}.lut.parquet")
             print(f"[profile] {supernet.space.name}: LUT on {summary['devices']}", file=sys.stderr)
-            existing, existing_meta = read_lut(lut_path)
+            existing, existing_meta = read_lut(lut_path, "--out")
             rows, meta = build_lut(supernet, profilers, existing, existing_meta, seed=seed, max_archs=max_archs,
-                                   patience=patience, passes=passes, show_progress=show_progress)
-            write_lut(lut_path, rows, meta)
+                                   patience=patience, passes=passes, show_progress=show_progress, out=lut_path)
             keys = {p.device.name: TableKey.of(supernet, p.device) for p in profilers}
             tables = {n: select(rows, k) for n, k in keys.items()}
-            calibrations = calibrate_many(supernet, tables, profilers, calibration_n, seed, show_progress)
-            for n, record in calibrations.items():
-                save_calibration(calibration_path(lut_path), keys[n], record)
-            per_device = {n: {"lut": str(lut_path), "calibration": str(calibration_path(lut_path)),
+            # A stored calibration is kept when it used enough subnets and its table has not changed since.
+            stored = {n: load_calibration(calibration_path(lut_path), k, "--out") for n, k in keys.items()}
+            calibrations = {n: r for n, r in stored.items()
+                            if r is not None and r.get("n", 0) >= calibration_n and meta[keys[n].id]["measured"] == 0}
+            todo = [p for p in profilers if p.device.name not in calibrations]
+            made = calibrate_many(supernet, tables, todo, calibration_n, seed, show_progress) if todo else {}
+            for n, record in made.items():
+                save_calibration(calibration_path(lut_path), keys[n], record, "--out")
+            calibrations.update(made)
+            per_device = {n: {"lut": lut_path, "calibration": calibration_path(lut_path),
                               "blocks": meta[k.id]["blocks"], "measured": meta[k.id]["measured"],
                               "lut_build_s": meta[k.id]["build_s"], "calibration_n": calibrations[n]["n"],
                               "kappa": calibrations[n]["models"]["lut"]["calibration"]["slope"],
@@ -83,13 +91,14 @@ def profile_devices(spaces: Sequence[str], out_dir: str | Path, devices: Sequenc
                                         show_progress)
                 import pandas as pd
 
-                pd.concat([rows_.assign(device=n) for n, (_, rows_) in results.items()], ignore_index=True) \
-                    .to_parquet(out_dir / f"{supernet.space.name}.validation.parquet", index=False)
+                storage.write_pandas(storage.join(out_dir, f"{supernet.space.name}.validation.parquet"),
+                                     pd.concat([rows_.assign(device=n) for n, (_, rows_) in results.items()],
+                                               ignore_index=True))
                 for n, (s, _) in results.items():
                     per_device[n]["validation"] = s
             summary["spaces"][supernet.space.name] = per_device
     finally:
         for p in profilers:
             p.stop()
-    (out_dir / "profile_summary.json").write_text(json.dumps(summary, indent=1))
+    storage.write_text(storage.join(out_dir, "profile_summary.json"), json.dumps(summary, indent=1, default=str))
     return summary

@@ -1,8 +1,9 @@
-"""Measurement on device nodes: one Ray actor per device, pinned by the `device:<name>` resource.
+"""Measurement on device nodes: one Ray actor per device, placed by the node label `device=<name>`
+(or, on a board that only advertises it, the resource `device:<name>`; see raynas.hw.devices).
 
-The actor asks for the whole unit of `device:<name>` (each node advertises one), so at most one
-profiler runs per device at a time and measurements never overlap on a board. ONNX export happens on
-the driver (it needs torch); the device node receives ONNX bytes and needs only onnxruntime.
+At most one profiler measures on a device at a time, cluster-wide, so measurements never overlap on a
+board: see `start_profiler`. ONNX export happens on the driver (it needs torch); the device node receives
+ONNX bytes (or object refs to them) and needs only onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import ActorAlreadyExistsError
 
 from raynas.hw.devices import DeviceNotPresent, DeviceSpec, ensure_device_present
 from raynas.hw.measure import measure_onnx
@@ -52,12 +54,19 @@ class DeviceProfiler:
                 "tag": tag, "median_ms": timing.median_ms, "iqr_ms": timing.iqr_ms, "runs": timing.runs,
                 "series": timing.series, "warmup_runs": timing.warmup_runs, "clock": timing.clock,
                 "wall_median_ms": timing.wall_median_ms,
-                "wall_s": time.perf_counter() - t0, "node_id": node, "hostname": host,
+                "wall_s": time.perf_counter() - t0, "node_id": node, "hostname": host, "measured_at": time.time(),
             })
         return records
 
 
 _RemoteProfiler = ray.remote(DeviceProfiler)
+
+# Profilers are named actors in one namespace shared by every driver (a job's own namespace is anonymous).
+PROFILER_NAMESPACE = "raynas"
+
+
+def profiler_name(device: str) -> str:
+    return f"profiler:{device}"
 
 
 @dataclass
@@ -69,24 +78,50 @@ class Profiler:
     node: dict[str, Any]
 
     def stop(self) -> None:
-        ray.kill(self.actor)
+        """Kill the actor and wait (briefly) until its name is free for the device's next profiler."""
+        ray.kill(self.actor, no_restart=True)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(profiler_name(self.device.name), namespace=PROFILER_NAMESPACE)
+            except ValueError:
+                return
+            time.sleep(0.05)
 
 
 def start_profiler(device: DeviceSpec, ready_timeout_s: float = 120.0) -> Profiler:
-    """A profiler actor on the node advertising `device`, ready to measure.
+    """A profiler actor on the device's node (label `device=<name>`, else resource `device:<name>`), ready.
 
-    Fails within seconds with `DeviceNotPresent` when no node advertises the device, instead of leaving
-    an actor pending forever; `ready_timeout_s` bounds the wait for the actor to start once it can be placed
-    (a node that leaves at that moment).
+    Fails within seconds with `DeviceNotPresent` when no node is the device, instead of leaving an actor
+    pending forever. `ready_timeout_s` bounds the wait for the device to be free (another driver measuring
+    on it) and for the actor to start once it can be placed (a node that leaves at that moment).
     """
-    ensure_device_present(device.name)
-    # num_cpus=0: the device resource already serialises work on the device, and a board may advertise
-    # fewer Ray CPUs than the runtime's threads (that would make the actor unschedulable).
-    actor = _RemoteProfiler.options(resources={device.resource: 1}, num_cpus=0).remote(device.to_dict())
+    options = ensure_device_present(device.name)
+    # Serialisation: a label, unlike the resource, is not consumed by the actor placed with it, so the
+    # label alone would let two drivers measure on one board at once and each would time the other's load.
+    # The actor's name (one per device, in a namespace shared by every driver) is the lock instead: a second
+    # profiler of the device waits here until the first is stopped or its driver exits (Ray frees the name
+    # when the actor dies). One mechanism for labelled and resource-only boards; the resource fallback is
+    # consumed as well. num_cpus=0: a board may offer fewer Ray CPUs (often 0) than the runtime's threads.
+    name = profiler_name(device.name)
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        try:
+            actor = _RemoteProfiler.options(name=name, namespace=PROFILER_NAMESPACE, num_cpus=0, **options
+                                            ).remote(device.to_dict())
+            break
+        except ActorAlreadyExistsError:
+            if time.monotonic() >= deadline:
+                raise DeviceNotPresent(
+                    f"device '{device.name}': busy; another profiler (actor '{name}' in namespace "
+                    f"'{PROFILER_NAMESPACE}') measured on it for the whole {ready_timeout_s:.0f} s wait; "
+                    "measurements on a device never overlap, run again when it is done") from None
+            time.sleep(0.5)
     node_ref = actor.node.remote()
-    ready, _ = ray.wait([node_ref], timeout=ready_timeout_s)
+    ready, _ = ray.wait([node_ref], timeout=max(deadline - time.monotonic(), 10.0))
     if not ready:
         ray.kill(actor)
+        how = f"label {device.label}" if "label_selector" in options else f"resource {device.resource}"
         raise DeviceNotPresent(f"device '{device.name}': its profiler did not start within {ready_timeout_s:.0f} s "
-                               f"(did the node advertising '{device.resource}' leave the cluster?)")
+                               f"(did the node with {how} leave the cluster?)")
     return Profiler(device, actor, ray.get(node_ref))

@@ -19,9 +19,9 @@ def cmd_demo(args) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default: digits, local Ray, CPU")
-    p.add_argument("--run-dir", dest="run_dir", default="runs/demo")
+    p.add_argument("--run-dir", dest="run_dir", default="runs/demo", help="a local path or a URI (s3://...)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("pipeline", help="train -> profile -> search -> export -> report, from one config")
     p.add_argument("config")
-    p.add_argument("--run-dir", dest="run_dir")
+    p.add_argument("--run-dir", dest="run_dir", help="override run_dir (a local path or a URI such as s3://...)")
     p.set_defaults(func=cmd_pipeline)

@@ -1,14 +1,17 @@
 """The hardware-aware NAS pipeline that `ray job submit ... pipelines/hw_nas.py` and `raynas demo` run.
 
-Every stage writes into `run_dir` and is skipped or continued when re-run with the same config:
-training resumes from its last epoch checkpoint, the LUT reuses measured blocks, the search resumes
-from its Parquet store. A killed pipeline is therefore re-run, never restarted.
+`run_dir` is a local path or a URI (s3://bucket/prefix, ...): every stage reads and writes it through
+raynas.storage, and decides what to skip or continue from what is stored there, so the pipeline can be
+re-run with the same config from any node of the cluster, in a fresh working directory: training is
+skipped when its final supernet is stored (else resumes from its last epoch checkpoint), the LUT reuses
+measured blocks, the search resumes from its Parquet store. A killed pipeline is re-run, never restarted.
 
 run_dir/
   pipeline.yaml         the validated config
   train/<name>/         the Ray Train run (checkpoints, metrics.parquet, supernet.pt)
   lut.parquet           per-block latency table (+ lut.calibration.json)
   search/               evaluations, Pareto front, ONNX subnets, report.md, pareto.png
+  summary.yaml          what each stage did (written at the end)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from raynas import storage
 from raynas.config_utils import check_known, positive_int, read_yaml, section
 from raynas.errors import ConfigError
 
@@ -50,14 +54,24 @@ def validate_pipeline_config(cfg: dict[str, Any]) -> dict[str, Any]:
     out.update({k: v for k, v in cfg.items() if k not in ("profile",)})
     out["profile"] = section(cfg, "profile", DEFAULTS["profile"])
     positive_int(out["profile"]["calibration_n"], "profile.calibration_n", minimum=2)
-    run_dir = Path(out["run_dir"])
+    if not isinstance(out["run_dir"], str) or not out["run_dir"]:
+        raise ConfigError(f"run_dir: expected a directory path or URI (s3://bucket/prefix), got {out['run_dir']!r}")
+    run_dir = out["run_dir"] = storage.normalize(out["run_dir"])
+    if out["checkpoint"] is not None:
+        if not isinstance(out["checkpoint"], str) or not out["checkpoint"]:
+            raise ConfigError("checkpoint: expected the location (a path or URI) of a trained supernet")
+        out["checkpoint"] = storage.normalize(out["checkpoint"])
+    if out["profile"]["lut"] is not None:
+        if not isinstance(out["profile"]["lut"], str) or not out["profile"]["lut"]:
+            raise ConfigError("profile.lut: expected the location (a path or URI) of a LUT Parquet file")
+        out["profile"]["lut"] = storage.normalize(out["profile"]["lut"])
     if out["checkpoint"] is None and out["train"] is None:
         raise ConfigError("train: missing (a `raynas train` config), or give `checkpoint` of a trained supernet")
     if out["train"] is not None:
         if not isinstance(out["train"], dict):
             raise ConfigError("train: expected a mapping (a `raynas train` config)")
         train = dict(out["train"])
-        train.setdefault("storage_path", str((run_dir / "train").resolve()))
+        train.setdefault("storage_path", storage.join(run_dir, "train"))
         train.setdefault("name", "supernet")
         space = train.get("space")
         if isinstance(space, str) and space.endswith((".yaml", ".yml")) and Path(space).is_file():
@@ -70,11 +84,11 @@ def validate_pipeline_config(cfg: dict[str, Any]) -> dict[str, Any]:
         if key in out["search"]:
             raise ConfigError(f"search.{key}: set by the pipeline; remove it")
     search = copy.deepcopy(out["search"])
-    search["run_dir"] = str(run_dir / "search")
+    search["run_dir"] = storage.join(run_dir, "search")
     search.setdefault("latency", {})
     search["latency"].setdefault("device", out["profile"]["device"])
     search["latency"].setdefault("devices_file", out["profile"]["devices_file"])
-    search["latency"]["lut"] = str(out["profile"]["lut"] or run_dir / "lut.parquet")
+    search["latency"]["lut"] = out["profile"]["lut"] or storage.join(run_dir, "lut.parquet")
     if out["train"] is not None:
         search.setdefault("data", out["train"]["data"])
     out["search"] = _as_section("search", validate_search_config, search)
@@ -93,22 +107,26 @@ def _as_section(name: str, validate, cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{name}.{msg}") from None
 
 
-def profile_device(supernet, device: str, lut: Path, calibration_n: int, devices_file: str | None,
+def profile_device(supernet, device: str, lut: str, calibration_n: int, devices_file: str | None,
                    max_archs: int, patience: int) -> dict[str, Any]:
-    """Build (or extend) the block LUT of `supernet`'s space on `device` and calibrate it end to end."""
+    """Build (or extend) the block LUT of `supernet`'s space on `device` and calibrate it end to end.
+
+    `lut` is a location (path or URI); blocks and a calibration already stored there are reused.
+    """
     from raynas.hw.devices import get_device
     from raynas.hw.latency import calibration_path, load_calibration, save_calibration
-    from raynas.hw.lut import TableKey, build_lut, read_lut, select, write_lut
+    from raynas.hw.lut import TableKey, build_lut, read_lut, select
     from raynas.hw.profiling import calibrate
     from raynas.hw.remote import start_profiler
 
     spec = get_device(device, devices_file)
     key = TableKey.of(supernet, spec)
-    existing, meta = read_lut(lut)
+    existing, meta = read_lut(lut, "profile.lut")
     profiler = start_profiler(spec)
     try:
-        rows, new_meta = build_lut(supernet, [profiler], existing, meta, max_archs=max_archs, patience=patience)
-        write_lut(lut, rows, new_meta)
+        # `out`: measured blocks are stored as the build goes, so a killed pipeline's re-run measures the rest only.
+        rows, new_meta = build_lut(supernet, [profiler], existing, meta, max_archs=max_archs, patience=patience,
+                                   out=lut)
         record = load_calibration(calibration_path(lut), key)
         if record is None or record["n"] < calibration_n:
             record = calibrate(supernet, select(rows, key), profiler, n=calibration_n)
@@ -119,6 +137,15 @@ def profile_device(supernet, device: str, lut: Path, calibration_n: int, devices
             "calibration_n": record["n"]}
 
 
+def trained_supernet(train_cfg: dict[str, Any]) -> str | None:
+    """The final supernet of the configured training when storage already holds it complete, else None."""
+    from raynas.train.trainer import SUPERNET_FILE, plan_run
+
+    plan = plan_run(train_cfg)
+    final = storage.join(plan.run_dir, SUPERNET_FILE)
+    return final if plan.resume_epoch >= plan.cfg["epochs"] and storage.is_file(final) else None
+
+
 def run_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     from raynas.hw.devices import init_local_ray
     from raynas.search.runner import run_search_job
@@ -126,28 +153,31 @@ def run_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     from raynas.train.trainer import train
 
     started = time.time()
-    run_dir = Path(cfg["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run_dir = cfg["run_dir"]
+    storage.check_writable(run_dir, "run_dir")
+    storage.write_text(storage.join(run_dir, "pipeline.yaml"), yaml.safe_dump(cfg, sort_keys=False))
     # Ray Train workers report progress on their stdout: forward it, so a long pipeline shows its epochs.
     init_local_ray(devices=[cfg["profile"]["device"]], log_to_driver=True)
 
-    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    summary: dict[str, Any] = {"run_dir": run_dir}
     if cfg["checkpoint"]:
         checkpoint = cfg["checkpoint"]
-        log(f"1/4 train: skipped, using {checkpoint}")
+        log(f"1/4 train: skipped, using {storage.display(checkpoint)}")
+    elif (checkpoint := trained_supernet(cfg["train"])) is not None:
+        log(f"1/4 train: skipped, already trained: {storage.display(checkpoint)}")
     else:
         log("1/4 train: supernet on Ray Train")
         t0 = time.time()
         result = train(cfg["train"])
         checkpoint = str(result.supernet_path)
         summary["train_s"] = round(time.time() - t0, 1)
+    summary["checkpoint"] = checkpoint
     supernet = load_supernet(checkpoint)
 
     log(f"2/4 profile: block LUT + calibration on device '{cfg['profile']['device']}'")
     t0 = time.time()
     p = cfg["profile"]
-    summary.update(profile_device(supernet, p["device"], Path(cfg["search"]["latency"]["lut"]), p["calibration_n"],
+    summary.update(profile_device(supernet, p["device"], cfg["search"]["latency"]["lut"], p["calibration_n"],
                                   p["devices_file"], p["max_archs"], p["patience"]))
     summary["profile_s"] = round(time.time() - t0, 1)
 
@@ -155,8 +185,9 @@ def run_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     search_cfg = {**cfg["search"], "checkpoint": checkpoint}
     summary["search"] = run_search_job(search_cfg, resume=True)
     summary["wall_s"] = round(time.time() - started, 1)
-    (run_dir / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
-    log(f"done in {summary['wall_s']} s: report {Path(summary['search']['run_dir']) / 'report.md'}")
+    storage.write_text(storage.join(run_dir, "summary.yaml"), yaml.safe_dump(summary, sort_keys=False))
+    log(f"done in {summary['wall_s']} s: report "
+        f"{storage.display(storage.join(summary['search']['run_dir'], 'report.md'))}")
     return summary
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -11,10 +12,12 @@ import matplotlib
 matplotlib.use("Agg")  # headless: cluster nodes have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from raynas import storage  # noqa: E402
 
-def plot_pareto(records: Sequence[dict], front: Sequence[dict], out: str | Path, x: str = "latency_ms",
-                title: str = "") -> Path:
-    out = Path(out)
+
+def plot_pareto(records: Sequence[dict], front: Sequence[dict], out: str | os.PathLike, x: str = "latency_ms",
+                title: str = "") -> str:
+    """The Pareto plot as a PNG at the location `out` (rendered in memory, written through storage)."""
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     feasible = [r for r in records if r.get("feasible", True)]
     infeasible = [r for r in records if not r.get("feasible", True)]
@@ -32,9 +35,10 @@ def plot_pareto(records: Sequence[dict], front: Sequence[dict], out: str | Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return out
+    return storage.write_bytes(out, png.getbuffer())
 
 
 def _fmt(value: Any) -> str:
@@ -49,17 +53,17 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, summary: dict, records: Sequence[dict], front: Sequence[dict],
-                 exported: Sequence[dict]) -> Path:
-    run_dir = Path(run_dir)
-    png = plot_pareto(records, front, run_dir / "pareto.png",
+def write_report(run_dir: str | os.PathLike, summary: dict, records: Sequence[dict], front: Sequence[dict],
+                 exported: Sequence[dict]) -> str:
+    """`report.md` and `pareto.png` in `run_dir`; links are relative, so the report reads the same anywhere."""
+    png = plot_pareto(records, front, storage.join(run_dir, "pareto.png"),
                       title=f"{summary['space']} · {summary['algorithm']} · {len(records)} evaluations")
     lines = [
         f"# raynas search report: {summary['space']}",
         "",
         markdown_table([summary], list(summary)),
         "",
-        f"![Pareto front]({png.name})",
+        f"![Pareto front]({storage.basename(png)})",
         "",
         "## Pareto front",
         "",
@@ -71,6 +75,4 @@ def write_report(run_dir: str | Path, summary: dict, records: Sequence[dict], fr
                                   "macs"]) if exported else "none",
         "",
     ]
-    out = run_dir / "report.md"
-    out.write_text("\n".join(lines))
-    return out
+    return storage.write_text(storage.join(run_dir, "report.md"), "\n".join(lines))

@@ -22,6 +22,6 @@ def register(sub) -> None:
     p = sub.add_parser("search", help="search a trained supernet on Ray actors; export the Pareto front")
     p.add_argument("config", help="search config YAML (see pipelines/configs/search_*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the search stored in run_dir")
-    p.add_argument("--checkpoint", help="override `checkpoint`")
-    p.add_argument("--run-dir", dest="run_dir", help="override `run_dir`")
+    p.add_argument("--checkpoint", help="override `checkpoint` (a local path or a URI such as s3://bucket/key)")
+    p.add_argument("--run-dir", dest="run_dir", help="override `run_dir` (a local path or a URI)")
     p.set_defaults(func=cmd_search)

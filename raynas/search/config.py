@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from raynas import storage
 from raynas.config_utils import check_known, one_of, positive_float, positive_int, section
 from raynas.errors import ConfigError
 
@@ -38,13 +39,15 @@ DEFAULTS = {
 def validate_search_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     check_known(cfg, DEFAULTS, "config")
     out: dict[str, Any] = {}
-    if cfg.get("checkpoint") is not None and not isinstance(cfg["checkpoint"], str):
-        raise ConfigError("checkpoint: expected a path to a supernet checkpoint")
-    out["checkpoint"] = cfg.get("checkpoint")
+    # Locations are made absolute here: the config is stored with the run and read by other nodes.
+    checkpoint = cfg.get("checkpoint")
+    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint):
+        raise ConfigError("checkpoint: expected the location (a path or URI) of a supernet checkpoint")
+    out["checkpoint"] = storage.normalize(checkpoint) if checkpoint else None
     run_dir = cfg.get("run_dir", DEFAULTS["run_dir"])
     if not isinstance(run_dir, str) or not run_dir:
-        raise ConfigError(f"run_dir: expected a directory path, got {run_dir!r}")
-    out["run_dir"] = run_dir
+        raise ConfigError(f"run_dir: expected a directory path or URI (s3://bucket/prefix), got {run_dir!r}")
+    out["run_dir"] = storage.normalize(run_dir)
     out["data"] = dict(cfg.get("data") or DEFAULTS["data"])  # validated by raynas.data on use
 
     ev = section(cfg, "evaluator", DEFAULTS["evaluator"])
@@ -58,8 +61,10 @@ def validate_search_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     lat = section(cfg, "latency", DEFAULTS["latency"])
     one_of(lat["model"], LATENCY_MODELS, "latency.model")
-    if lat["lut"] is not None and not isinstance(lat["lut"], str):
-        raise ConfigError("latency.lut: expected the path of a LUT Parquet file")
+    if lat["lut"] is not None and (not isinstance(lat["lut"], str) or not lat["lut"]):
+        raise ConfigError("latency.lut: expected the location (a path or URI) of a LUT Parquet file")
+    if lat["lut"]:
+        lat["lut"] = storage.normalize(lat["lut"])
     out["latency"] = lat
 
     s = section(cfg, "search", DEFAULTS["search"])

@@ -2,7 +2,9 @@
 
 Accuracy of a subnet = BatchNorm recalibrated on a fixed set of training images, then top-1 on
 the validation split. Both sets are fixed and ordered, so an arch scores the same on every actor:
-that is what makes a resumed search identical to an uninterrupted one.
+that is what makes a resumed search identical to an uninterrupted one. They are Ray Datasets
+(raynas.data.eval_dataset) materialized once by `make_evaluator_pool`: every actor reads the same
+blocks from the object store, on whichever node it runs.
 """
 
 from __future__ import annotations
@@ -11,13 +13,11 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 import torch
-from torch.utils.data import DataLoader
 
 from raynas.space import Arch
 
@@ -30,13 +30,14 @@ class EvaluatorConfig:
     device: str = "cpu"        # "cuda" puts each actor on a GPU
     threads: int = 1           # torch intra-op threads per actor
     num_actors: int = 2
+    eval_data: Any = None      # (BN, validation) Datasets; make_evaluator_pool sets them, else each actor builds them
 
 
 class SubnetEvaluator:
     """Ray actor body (wrapped with ray.remote by `make_evaluator_pool`)."""
 
     def __init__(self, checkpoint: bytes, config: EvaluatorConfig):
-        from raynas.data import build_dataset, fixed_subset
+        from raynas.data import Batches, Normalizer, normalization
         from raynas.supernets.checkpoint import load_supernet
 
         torch.set_num_threads(config.threads)
@@ -44,11 +45,10 @@ class SubnetEvaluator:
         self.device = torch.device(config.device)
         self.supernet = load_supernet(checkpoint).to(self.device)
         space = self.supernet.space
-        train = build_dataset(config.data, "train", space.resolution, in_channels=space.in_channels, augment=False)
-        val = build_dataset(config.data, "val", space.resolution, in_channels=space.in_channels)
-        bn_set = fixed_subset(train, min(config.bn_samples, len(train)), seed=0)
-        self.bn_loader = DataLoader(bn_set, batch_size=config.batch_size, shuffle=False)
-        self.val_loader = DataLoader(val, batch_size=config.batch_size, shuffle=False)
+        bn, val = config.eval_data or evaluation_data(config, space.resolution, space.in_channels)
+        normalize = Normalizer(*normalization(config.data, space.in_channels))
+        self.bn_loader = Batches(bn, config.batch_size, self.device, normalize)
+        self.val_loader = Batches(val, config.batch_size, self.device, normalize)
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
 
     def evaluate(self, arch_json: str) -> dict[str, Any]:
@@ -65,11 +65,27 @@ class SubnetEvaluator:
         return os.getpid()
 
 
-def make_evaluator_pool(checkpoint_path: str, config: EvaluatorConfig, actor_cls: type = SubnetEvaluator):
-    """An `ActorPool` of evaluator actors; the checkpoint travels once through the object store."""
-    from raynas.search.pool import ActorPool
+def evaluation_data(config: EvaluatorConfig, resolution: int, channels: int) -> tuple[Any, Any]:
+    """The fixed BN-recalibration images (seeded subset of the un-augmented training split) and the
+    validation split, as materialized Datasets."""
+    from raynas.data import eval_dataset
 
-    checkpoint_ref = ray.put(Path(checkpoint_path).read_bytes())
+    bn = eval_dataset(config.data, "train", resolution, channels, num_samples=config.bn_samples, seed=0)
+    return bn, eval_dataset(config.data, "val", resolution, channels)
+
+
+def make_evaluator_pool(checkpoint: str, config: EvaluatorConfig, actor_cls: type = SubnetEvaluator):
+    """An `ActorPool` of evaluator actors. The checkpoint (a local path or URI) is read once, here, and
+    travels to the actors through the object store: no actor reads a file of the driver's node. So do the
+    evaluation Datasets, materialized once, here."""
+    from raynas import storage
+    from raynas.search.pool import ActorPool
+    from raynas.supernets.checkpoint import load_supernet
+
+    checkpoint_bytes = storage.read_bytes(checkpoint, "checkpoint")
+    space = load_supernet(checkpoint_bytes).space
+    config = replace(config, eval_data=evaluation_data(config, space.resolution, space.in_channels))
+    checkpoint_ref = ray.put(checkpoint_bytes)
     use_gpu = config.device.startswith("cuda")
     remote_cls = ray.remote(num_cpus=config.threads, num_gpus=1 if use_gpu else 0, max_restarts=0)(actor_cls)
 

@@ -1,7 +1,8 @@
 """Append-only Parquet store of evaluations: one small part file per finished evaluation.
 
-A part file is written as soon as its evaluation finishes, so a killed search loses at most
-the evaluations in flight; `--resume` reads every part back and skips those archs.
+A part file is written (atomically, through raynas.storage) as soon as its evaluation finishes, so a
+killed search loses at most the evaluations in flight; `--resume` reads every part back from storage,
+from any node and working directory, and skips those archs.
 """
 
 from __future__ import annotations
@@ -9,28 +10,41 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from raynas import storage
+
+PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
+# Parts are small objects: on an object store, reading them one by one would be latency-bound.
+READ_THREADS = 16
+
+
+def part_files(directory: str | os.PathLike) -> list[str]:
+    """Locations of the parts stored in `directory`, in append order (none when it does not exist)."""
+    return [p for p in storage.list_files(directory, PART_SUFFIX) if storage.basename(p).startswith(PART_PREFIX)]
 
 
 class ResultStore:
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = storage.normalize(directory)
         self._records: dict[str, dict[str, Any]] = {}
         for record in self._read_parts():
             self._records.setdefault(record["arch"], record)
 
+    def part_files(self) -> list[str]:
+        return part_files(self.directory)
+
     def _read_parts(self) -> list[dict[str, Any]]:
-        parts = sorted(self.directory.glob("part-*.parquet"))
+        parts = self.part_files()
         if not parts:
             return []
-        table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
-        return table.to_pylist()
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(parts))) as pool:
+            tables = list(pool.map(lambda p: storage.read_table(p, "evaluation part"), parts))
+        return pa.concat_tables(tables, promote_options="default").to_pylist()
 
     def __contains__(self, arch_json: str) -> bool:
         return arch_json in self._records
@@ -46,11 +60,9 @@ class ResultStore:
         if record["arch"] in self._records:
             raise ValueError(f"arch already evaluated: {record['arch']}")
         record = {**record, "stored_at": time.time()}
-        # Time-ordered names keep `sorted()` in append order; the uuid keeps names unique.
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.directory / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pylist([record]), tmp)
-        os.replace(tmp, self.directory / name)  # atomic: readers never see half a file
+        # Time-ordered names keep name order in append order; the uuid keeps names unique across writers.
+        name = f"{PART_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{PART_SUFFIX}"
+        storage.write_table(storage.join(self.directory, name), pa.Table.from_pylist([record]))
         self._records[record["arch"]] = record
 
     def records(self) -> list[dict[str, Any]]:
@@ -59,8 +71,6 @@ class ResultStore:
     def to_pandas(self) -> pd.DataFrame:
         return pd.DataFrame(self.records())
 
-    def compact(self, path: str | Path) -> Path:
+    def compact(self, location: str | os.PathLike) -> str:
         """All evaluations in one Parquet file (the run's `evaluations.parquet`)."""
-        path = Path(path)
-        pq.write_table(pa.Table.from_pylist(self.records()), path)
-        return path
+        return storage.write_table(location, pa.Table.from_pylist(self.records()))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
+import os
 from typing import Any
 
 import torch
 
+from raynas import storage
 from raynas.errors import UserError
 from raynas.supernets.base import Supernet
 
@@ -35,40 +36,42 @@ def supernet_state(supernet: Supernet, extra: dict[str, Any] | None = None) -> d
     }
 
 
-def save_supernet(supernet: Supernet, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(supernet_state(supernet, extra), tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
-    return path
+def _where(source: str | os.PathLike | bytes) -> str:
+    return "<checkpoint bytes>" if isinstance(source, bytes) else storage.display(source)
 
 
-def read_checkpoint(path: str | Path | bytes) -> dict[str, Any]:
-    """A checkpoint's state from a file, or from its bytes (shipped to remote actors via the object store)."""
-    if isinstance(path, bytes):
-        source, path = io.BytesIO(path), "<checkpoint bytes>"
+def save_supernet(supernet: Supernet, location: str | os.PathLike, extra: dict[str, Any] | None = None) -> str:
+    """Write the checkpoint to a local path or URI (atomically, see raynas.storage); returns the location."""
+    return storage.save_torch(location, supernet_state(supernet, extra))
+
+
+def read_checkpoint(source: str | os.PathLike | bytes) -> dict[str, Any]:
+    """A checkpoint's state from a location (local path or URI), or from its bytes (shipped to remote
+    actors via the object store)."""
+    where = _where(source)
+    if isinstance(source, bytes):
+        data = source
     else:
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint: file {path} does not exist")
-        source = path
+        try:
+            data = storage.read_bytes(source, "checkpoint")
+        except storage.StorageError as exc:
+            raise CheckpointError(str(exc)) from None
     try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"checkpoint: {path} is not a raynas checkpoint ({type(exc).__name__})") from None
+        raise CheckpointError(f"checkpoint: {where} is not a raynas checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != "raynas-supernet/1":
-        raise CheckpointError(f"checkpoint: {path} is not a raynas supernet checkpoint")
+        raise CheckpointError(f"checkpoint: {where} is not a raynas supernet checkpoint")
     return state
 
 
-def load_supernet(path: str | Path | bytes, **supernet_kwargs: Any) -> Supernet:
+def load_supernet(path: str | os.PathLike | bytes, **supernet_kwargs: Any) -> Supernet:
     """Rebuild the checkpoint's space and supernet (as trained: classes, resolution) with its weights."""
     from raynas.space import space_from_config
     from raynas.supernets import build_supernet
 
     state = read_checkpoint(path)
-    where = "<checkpoint bytes>" if isinstance(path, bytes) else path
+    where = _where(path)
     if COUPLED_MARKER in state["model"]:
         raise CheckpointError(f"checkpoint: {where} holds a big/little (coupled) supernet; use it with "
                               "`raynas biglittle` / pipelines/biglittle.py, or train a single supernet")
@@ -84,12 +87,11 @@ def load_supernet(path: str | Path | bytes, **supernet_kwargs: Any) -> Supernet:
     return supernet.eval()
 
 
-def load_supernet_weights(supernet: Supernet, path: str | Path, strict: bool = True) -> dict[str, Any]:
+def load_supernet_weights(supernet: Supernet, path: str | os.PathLike | bytes, strict: bool = True) -> dict[str, Any]:
     """Load weights into `supernet`; a checkpoint of another space is refused."""
     state = read_checkpoint(path)
     if state["space"] != supernet.space.name:
         raise CheckpointError(
-            f"checkpoint: {path} was trained on space '{state['space']}', not '{supernet.space.name}'"
-        )
+            f"checkpoint: {_where(path)} was trained on space '{state['space']}', not '{supernet.space.name}'")
     supernet.load_state_dict(state["model"], strict=strict)
     return state

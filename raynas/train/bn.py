@@ -72,8 +72,8 @@ def recalibrate_bn(model: nn.Module, arch: Mapping[str, Any] | None, loader: Ite
 
     Resets the statistics of every `nn.BatchNorm*` and `DynamicBatchNorm2d`, runs
     `model(x, arch)` in train mode with a cumulative average (momentum None) over the batches,
-    and returns `model` in eval mode. `loader` yields images or (images, labels) batches;
-    `arch=None` calibrates the supernet's teacher / full net.
+    and returns `model` in eval mode. `loader` yields images or (images, labels) batches, normalised
+    (e.g. raynas.data.Batches), on any device; `arch=None` calibrates the supernet's teacher / full net.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
@@ -102,7 +102,7 @@ def count_correct(model: nn.Module, arch: Mapping[str, Any] | None, loader: Iter
     correct = total = 0
     for x, y in loader:
         logits = model(x.to(device, non_blocking=True), arch)
-        correct += int((logits.argmax(dim=-1).cpu() == y).sum())
+        correct += int((logits.argmax(dim=-1) == y.to(logits.device)).sum())
         total += len(y)
     return correct, total
 

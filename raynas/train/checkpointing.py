@@ -1,24 +1,28 @@
 """Training checkpoints: what one epoch's Ray checkpoint directory holds, and how a run resumes.
 
-Layout of `<storage_path>/<name>/epoch_NNNN/` (every file loads with torch.load(weights_only=True)):
+Layout of `<storage_path>/<name>/epoch_NNNN/`, a local path or a URI such as s3://bucket/runs/name/epoch_0003
+(every file loads with torch.load(weights_only=True)):
   meta.json          rank 0: format, completed epochs, space, strategy, world size
   supernet.pt        rank 0: `save_supernet` format (loadable by `load_supernet_weights`)
   train_state.pt     rank 0: optimizers, schedulers, AMP scaler, strategy state, step counter
   rng_rank<R>.pt     every rank: its torch / CUDA / numpy / python RNG states
-Every worker reports its part; Ray merges them into the one directory.
+Every worker reports its part through `ray.train.report`; Ray merges them into the one directory in the
+run's storage. All reading goes through raynas.storage, so any node can resume a run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from raynas import storage
 from raynas.errors import UserError
 from raynas.supernets.checkpoint import read_checkpoint, save_supernet
 
@@ -27,6 +31,7 @@ META_FILE = "meta.json"
 SUPERNET_FILE = "supernet.pt"
 STATE_FILE = "train_state.pt"
 RNG_FILE = "rng_rank{rank}.pt"
+CHECKPOINT_DIR_PATTERN = re.compile(r"epoch_(\d+)")
 
 
 def checkpoint_dir_name(epoch: int) -> str:
@@ -57,63 +62,62 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-def write_checkpoint(directory: str | Path, *, rank: int, epoch: int, world_size: int,
+def write_checkpoint(directory: str | os.PathLike, *, rank: int, epoch: int, world_size: int,
                      supernet, trained_module: torch.nn.Module, train_state: dict[str, Any],
                      strategy_name: str) -> None:
-    """Write this rank's part of the epoch checkpoint into `directory` (a fresh temp dir)."""
-    directory = Path(directory)
-    torch.save(capture_rng(), directory / RNG_FILE.format(rank=rank))
+    """Write this rank's part of the epoch checkpoint into `directory`: normally a fresh local temp dir
+    that `ray.train.report` then uploads into the run's storage."""
+    storage.save_torch(storage.join(directory, RNG_FILE.format(rank=rank)), capture_rng())
     if rank != 0:
         return
-    save_supernet(supernet, directory / SUPERNET_FILE, extra={"epoch": epoch, "strategy": strategy_name})
+    save_supernet(supernet, storage.join(directory, SUPERNET_FILE),
+                  extra={"epoch": epoch, "strategy": strategy_name})
     state = dict(train_state)
     if trained_module is not supernet:  # a strategy wrapper (router, LoRA...) holds more than the supernet
         state["model"] = trained_module.state_dict()
-    torch.save(state, directory / STATE_FILE)
+    storage.save_torch(storage.join(directory, STATE_FILE), state)
     # meta.json last: its presence marks the rank-0 files as written.
-    (directory / META_FILE).write_text(json.dumps({
+    storage.write_text(storage.join(directory, META_FILE), json.dumps({
         "format": FORMAT, "epoch": epoch, "world_size": world_size,
         "space": supernet.space.name, "strategy": strategy_name,
     }))
 
 
 # ---- finding and reading ------------------------------------------------------------------------------
-def read_meta(directory: str | Path) -> dict[str, Any] | None:
-    """The checkpoint's meta.json if the directory holds a complete rank-0 checkpoint, else None."""
-    directory = Path(directory)
+def read_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint's meta.json if `directory` (a local path or URI) holds a complete rank-0 checkpoint,
+    else None."""
     try:
-        meta = json.loads((directory / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("epoch"), int):
-        return None
-    if not all((directory / f).is_file() and (directory / f).stat().st_size > 0
-               for f in (SUPERNET_FILE, STATE_FILE)):
+        meta = storage.read_json(storage.join(directory, META_FILE), "checkpoint")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("epoch"), int):
+            return None
+        if not all(storage.size(storage.join(directory, f)) > 0 for f in (SUPERNET_FILE, STATE_FILE)):
+            return None
+    except storage.StorageError:
         return None
     return meta
 
 
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint directory of `run_dir` with the most completed epochs, if any.
+def find_latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The complete checkpoint directory of `run_dir` (a local path or URI) with the most completed
+    epochs, if any, as a location string.
 
-    A fresh re-run with the same storage path and name resumes from it, independent of Ray's
-    own run snapshot (which a killed driver may have left behind or never written).
+    A fresh re-run with the same storage path and name resumes from it, on any node and in any working
+    directory, independent of Ray's own run snapshot (which a killed driver may have left behind or
+    never written).
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for child in run_dir.iterdir():
-        if child.is_dir():
-            meta = read_meta(child)
-            if meta is not None and (best is None or meta["epoch"] > best[0]):
-                best = (meta["epoch"], child)
-    return best[1] if best else None
+    epochs = sorted(((int(m.group(1)), name) for name in storage.list_dir(run_dir)
+                     if (m := CHECKPOINT_DIR_PATTERN.fullmatch(name))), reverse=True)
+    for _, name in epochs:  # newest first: a later one may be incomplete (rank 0 died writing it)
+        directory = storage.join(run_dir, name)
+        if read_meta(directory) is not None:
+            return directory
+    return None
 
 
 @dataclass
 class ResumeState:
-    directory: Path
+    directory: str
     epoch: int                      # completed epochs
     meta: dict[str, Any]
     model: dict[str, torch.Tensor]  # state dict of the trained module
@@ -121,19 +125,20 @@ class ResumeState:
     rng: dict[str, Any] | None      # this rank's RNG states (None: saved with another world size)
 
 
-def load_resume_state(directory: str | Path, rank: int, space_name: str) -> ResumeState:
-    """Read a checkpoint for rank `rank`; refuses one written for another space."""
-    directory = Path(directory)
+def load_resume_state(directory: str | os.PathLike, rank: int, space_name: str) -> ResumeState:
+    """Read a checkpoint (a local path or URI) for rank `rank`; refuses one written for another space."""
+    directory = str(directory)
+    where = storage.display(directory)
     meta = read_meta(directory)
     if meta is None:
-        raise UserError(f"resume: {directory} is not a complete raynas training checkpoint")
+        raise UserError(f"resume: {where} is not a complete raynas training checkpoint")
     if meta["space"] != space_name:
-        raise UserError(f"resume: {directory} was trained on space '{meta['space']}', not '{space_name}'; "
+        raise UserError(f"resume: {where} was trained on space '{meta['space']}', not '{space_name}'; "
                         "use another run name")
-    train_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    train_state = storage.load_torch(storage.join(directory, STATE_FILE), "resume")
     model = train_state.pop("model", None)
     if model is None:  # the trained module is the supernet itself
-        model = read_checkpoint(directory / SUPERNET_FILE)["model"]
-    rng_path = directory / RNG_FILE.format(rank=rank)
-    rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
+        model = read_checkpoint(storage.join(directory, SUPERNET_FILE))["model"]
+    rng_location = storage.join(directory, RNG_FILE.format(rank=rank))
+    rng = storage.load_torch(rng_location, "resume") if storage.is_file(rng_location) else None
     return ResumeState(directory, meta["epoch"], meta, model, train_state, rng)

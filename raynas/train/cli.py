@@ -6,6 +6,13 @@ import argparse
 import json
 
 
+def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (driver and every worker) for the strategies it registers; "
+                        "repeatable. Strategies of installed packages come from the 'raynas.strategies' "
+                        "entry-point group without this")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser, config_flag: bool = False) -> None:
     """The `raynas train` options; `config_flag` takes the config as `--config` (job specs) instead of
     a positional argument."""
@@ -18,8 +25,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, config_flag: bool = Fal
                         help="one GPU per worker (overrides scaling.use_gpu)")
     parser.add_argument("--name", help="run name (default: config name, else the file's stem); "
                         "re-running a name resumes it")
-    parser.add_argument("--storage", help="directory holding runs (overrides storage_path)")
+    parser.add_argument("--storage", help="directory or URI (s3://bucket/prefix, gs://...) holding runs "
+                        "(overrides storage_path)")
     parser.add_argument("--epochs", type=int, help="total epochs (overrides epochs)")
+    add_plugin_argument(parser)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -29,13 +38,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from raynas.train.config import load_train_config
+    from raynas.train.strategies import load_plugins
     from raynas.train.trainer import train
 
+    load_plugins(args.plugin)  # before validation: the config may name a plug-in strategy
     cfg = load_train_config(args.config, overrides_from_args(args))
-    result = train(cfg)
-    print(json.dumps({"run_dir": str(result.run_dir), "supernet": str(result.supernet_path),
-                      "metrics": str(result.metrics_path),
-                      "checkpoint": str(result.checkpoint_dir) if result.checkpoint_dir else None}))
+    result = train(cfg, plugins=args.plugin)
+    print(json.dumps({"run_dir": result.run_dir, "supernet": result.supernet_path,
+                      "metrics": result.metrics_path, "checkpoint": result.checkpoint_dir}))
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from raynas import storage
 from raynas.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -33,7 +34,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
 }
 TOP_LEVEL: dict[str, Any] = {
     "name": None,                 # run name; default: the config file's stem
-    "storage_path": "~/raynas_runs",
+    "storage_path": "~/raynas_runs",  # a local path or a URI (s3://bucket/prefix, gs://..., file://...)
     "space": REQUIRED,            # built-in space name or a space YAML path
     "resolution": None,           # override of the space's input resolution
     "supernet": {},               # keyword arguments of build_supernet (family specific)
@@ -128,10 +129,10 @@ def validate_train_config(cfg: Mapping[str, Any], *, check_files: bool = True) -
                                     or "/" in out["name"]):
         _fail("name", f"expected a run name without '/', got {out['name']!r}")
     if not isinstance(out["storage_path"], str) or not out["storage_path"]:
-        _fail("storage_path", f"expected a directory path, got {out['storage_path']!r}")
-    if "://" in out["storage_path"]:
-        _fail("storage_path", "expected a local or shared-filesystem directory (URIs are not supported)")
-    out["storage_path"] = str(Path(out["storage_path"]).expanduser().resolve())
+        _fail("storage_path", f"expected a directory path or a URI such as s3://bucket/runs, "
+                              f"got {out['storage_path']!r}")
+    # A location every node and later run can use: an absolute local path, or the URI as given.
+    out["storage_path"] = storage.normalize(out["storage_path"])
     if not isinstance(out["space"], str):
         _fail("space", f"expected a built-in space name or a .yaml path, got {out['space']!r}")
     _int(out["resolution"], "resolution", 8, optional=True)

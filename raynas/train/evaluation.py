@@ -5,13 +5,13 @@ measures its share on the whole validation set) and the accuracies are shared by
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from raynas.space import Arch, SearchSpace
 from raynas.train.bn import count_correct, preserved_bn_stats, recalibrate_bn
@@ -29,12 +29,13 @@ def epoch_archs(space: SearchSpace, teacher: Arch | None, num_random: int, seed:
 
 
 @torch.no_grad()
-def evaluate_epoch(module: nn.Module, archs: dict[str, Arch | None], bn_loader: DataLoader,
-                   val_loader: DataLoader, bn_samples: int, device: torch.device, *, rank: int = 0,
+def evaluate_epoch(module: nn.Module, archs: dict[str, Arch | None], bn_loader: Iterable,
+                   val_loader: Iterable, bn_samples: int, device: torch.device, *, rank: int = 0,
                    world_size: int = 1, autocast=contextlib.nullcontext) -> dict[str, Any]:
     """{name}_acc per subnet, plus random_acc (mean of the random ones) and its min / max.
 
-    Rank r measures subnets r, r + W, ...; the module's BN statistics are left as found.
+    Rank r measures subnets r, r + W, ...; the module's BN statistics are left as found. Every rank reads
+    the same BN and validation batches (raynas.data.ray_train: the whole sets, not shards).
     """
     names = list(archs)
     accs = torch.zeros(len(names), dtype=torch.float64, device=device)

@@ -26,25 +26,27 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from raynas import storage
 from raynas.errors import ConfigError, UserError
 from raynas.space import SearchSpace
 from raynas.space.loader import family_module
-from raynas.train.strategies import build_strategy, get_strategy_class
+from raynas.train.strategies import build_strategy, get_strategy_class, load_plugins, register_strategy
 from raynas.train.strategies.base import Strategy
 
 CHAIN_KEYS = ("name", "storage_path", "train", "stages")
 STAGE_KEYS = ("space", "name", "inherit_from", "train")
 RESERVED_TRAIN_KEYS = ("name", "space", "storage_path")
 CHAIN_FILE = "chain.json"
-INHERIT_STRATEGY = "raynas.train.inherit:InheritStrategy"
+INHERIT_STRATEGY = "inherit"
 
 
 # ---- inheritance of weights ------------------------------------------------------------------------
@@ -56,15 +58,15 @@ def inherit_function(family: str, where: str = "inherit_from"):
     return fn
 
 
-def inherit_from_checkpoint(dst, path: str | Path, where: str = "strategy.init_from") -> dict[str, Any]:
-    """Copy the overlapping weights of a saved supernet (`raynas train` output) into `dst`."""
+def inherit_from_checkpoint(dst, path: str | os.PathLike, where: str = "strategy.init_from") -> dict[str, Any]:
+    """Copy the overlapping weights of a saved supernet (`raynas train` output; a local path or URI) into `dst`."""
     from raynas.supernets.checkpoint import load_supernet
 
-    if not Path(path).is_file():
-        raise ConfigError(f"{where}: file {path} does not exist")
+    if not storage.is_file(path):
+        raise ConfigError(f"{where}: file {storage.display(path)} does not exist")
     src = load_supernet(path)
     if src.space.family != dst.space.family:
-        raise ConfigError(f"{where}: {path} is a '{src.space.family}' supernet; '{dst.space.name}' is "
+        raise ConfigError(f"{where}: {storage.display(path)} is a '{src.space.family}' supernet; '{dst.space.name}' is "
                           f"'{dst.space.family}'")
     return inherit_function(dst.space.family, where)(src, dst)
 
@@ -83,10 +85,11 @@ def _normalise_base(value: Any, where: str) -> dict[str, Any]:
     return {"name": value["name"], **options}
 
 
+@register_strategy
 class InheritStrategy(Strategy):
     """Initialise the supernet from a larger trained one, then train with the `base` strategy.
 
-    Selected as `strategy: {name: raynas.train.inherit:InheritStrategy, init_from: PATH, base: ...}`;
+    Selected as `strategy: {name: inherit, init_from: LOCATION, base: ...}` (a local path or URI);
     `train_size_specific` writes this for every inheriting stage. On resume the run's checkpoint
     replaces the inherited weights, as it should.
     """
@@ -99,6 +102,8 @@ class InheritStrategy(Strategy):
         if not isinstance(options["init_from"], str) or not options["init_from"]:
             raise ConfigError(f"{where}.init_from: expected the path of the larger trained supernet, "
                               f"got {options['init_from']!r}")
+        # Absolute (or a URI): every worker reads it, whatever its working directory.
+        options["init_from"] = storage.normalize(options["init_from"])
         options["base"] = _normalise_base(options["base"], f"{where}.base")
 
     @classmethod
@@ -144,7 +149,7 @@ class Stage:
     cfg: dict[str, Any]           # validated `raynas train` config (with the stage's own strategy)
     space: SearchSpace
     inherit_from: str | None
-    run_dir: Path
+    run_dir: str                  # location (local path or URI) of the stage's run
     done: bool                    # all epochs already trained (a re-run skips it)
     shared_fraction: float | None = None  # of the stage's weights, the part inherited (dry run)
 
@@ -152,9 +157,9 @@ class Stage:
 @dataclass
 class StageResult:
     key: str
-    run_dir: Path
-    supernet_path: Path
-    inherited_from: Path | None
+    run_dir: str                  # locations: local paths or URIs
+    supernet_path: str
+    inherited_from: str | None
     skipped: bool
     metrics: Any = field(repr=False, default=None)
 
@@ -182,7 +187,7 @@ def plan_size_specific(cfg: Mapping[str, Any]) -> list[Stage]:
     references, and that each inheritance is possible (a dry run on freshly built supernets)."""
     from raynas.space import load_space
     from raynas.supernets import build_supernet
-    from raynas.train.trainer import plan_run
+    from raynas.train.trainer import SUPERNET_FILE, plan_run
 
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(cfg).__name__}")
@@ -192,10 +197,10 @@ def plan_size_specific(cfg: Mapping[str, Any]) -> list[Stage]:
     name = cfg.get("name")
     if not isinstance(name, str) or not name.strip() or "/" in name:
         raise ConfigError(f"name: expected a chain name without '/', got {name!r}")
-    storage = cfg.get("storage_path", "~/raynas_runs")
-    if not isinstance(storage, str) or not storage:
-        raise ConfigError(f"storage_path: expected a directory path, got {storage!r}")
-    chain_dir = Path(storage).expanduser().resolve() / name
+    storage_path = cfg.get("storage_path", "~/raynas_runs")
+    if not isinstance(storage_path, str) or not storage_path:
+        raise ConfigError(f"storage_path: expected a directory path or URI, got {storage_path!r}")
+    chain_dir = storage.join(storage.normalize(storage_path), name)
     shared = _mapping(cfg.get("train"), "train")
     for key in RESERVED_TRAIN_KEYS:
         if key in shared:
@@ -231,7 +236,7 @@ def plan_size_specific(cfg: Mapping[str, Any]) -> list[Stage]:
         if any(s.key == key for s in stages):
             raise ConfigError(f"{where}.name: stage '{key}' appears twice; give one of them a `name`")
         train_cfg = _deep_merge(shared, overrides)
-        train_cfg.update(space=raw["space"], storage_path=str(chain_dir), name=key)
+        train_cfg.update(space=raw["space"], storage_path=chain_dir, name=key)
         try:
             plan = plan_run(train_cfg)
         except UserError as exc:
@@ -256,41 +261,44 @@ def plan_size_specific(cfg: Mapping[str, Any]) -> list[Stage]:
             total = sum(t.numel() for t in dst.state_dict().values())
             shared_fraction = report["elements"] / max(total, 1)
         supernets[key] = build_supernet(plan.space, **plan.cfg["supernet"])
-        done = plan.resume_epoch >= plan.cfg["epochs"] and (plan.run_dir / "supernet.pt").is_file()
+        done = plan.resume_epoch >= plan.cfg["epochs"] and storage.is_file(storage.join(plan.run_dir, SUPERNET_FILE))
         stages.append(Stage(key, plan.cfg, plan.space, source, plan.run_dir, done, shared_fraction))
     return stages
 
 
-def _stage_config(stage: Stage, inherit_path: Path | None) -> dict[str, Any]:
+def _stage_config(stage: Stage, inherit_path: str | None) -> dict[str, Any]:
     cfg = copy.deepcopy(stage.cfg)
     if inherit_path is not None:
-        cfg["strategy"] = {"name": INHERIT_STRATEGY, "init_from": str(inherit_path), "base": cfg["strategy"]}
+        cfg["strategy"] = {"name": INHERIT_STRATEGY, "init_from": inherit_path, "base": cfg["strategy"]}
     return cfg
 
 
-def train_size_specific(cfg: Mapping[str, Any], *, quiet: bool = False) -> list[StageResult]:
+def train_size_specific(cfg: Mapping[str, Any], *, quiet: bool = False,
+                        plugins: Sequence[str] = ()) -> list[StageResult]:
     """Train the chain's stages in order; inheriting stages start from their source's trained weights.
 
-    Writes `<storage_path>/<name>/chain.json` (stages, run directories, inheritance, last metrics).
+    Writes `<storage_path>/<name>/chain.json` (stages, run directories, inheritance, last metrics);
+    `storage_path` is a local path or a URI. `plugins`: strategy modules named on the command line.
     """
     from raynas.train.metrics import read_metrics
     from raynas.train.trainer import SUPERNET_FILE, train
 
+    load_plugins(plugins)
     stages = plan_size_specific(cfg)
-    chain_dir = stages[0].run_dir.parent
+    chain_dir = storage.parent(stages[0].run_dir)
     results: dict[str, StageResult] = {}
     for stage in stages:
         source = results[stage.inherit_from].supernet_path if stage.inherit_from else None
         if stage.done:
             if not quiet:
-                print(f"raynas train-sizes: stage '{stage.key}' already trained ({stage.run_dir}); skipped",
-                      file=sys.stderr, flush=True)
-            result = StageResult(stage.key, stage.run_dir, stage.run_dir / SUPERNET_FILE, source, True)
+                print(f"raynas train-sizes: stage '{stage.key}' already trained ({storage.display(stage.run_dir)}); "
+                      "skipped", file=sys.stderr, flush=True)
+            result = StageResult(stage.key, stage.run_dir, storage.join(stage.run_dir, SUPERNET_FILE), source, True)
         else:
             if not quiet and source is not None:
                 print(f"raynas train-sizes: stage '{stage.key}' inherits {100 * stage.shared_fraction:.1f}% of its "
-                      f"weights from '{stage.inherit_from}' ({source})", file=sys.stderr, flush=True)
-            trained = train(_stage_config(stage, source), quiet=quiet)
+                      f"weights from '{stage.inherit_from}' ({storage.display(source)})", file=sys.stderr, flush=True)
+            trained = train(_stage_config(stage, source), quiet=quiet, plugins=plugins)
             result = StageResult(stage.key, trained.run_dir, trained.supernet_path, source, False)
         result.metrics = read_metrics(result.run_dir)
         results[stage.key] = result
@@ -298,11 +306,11 @@ def train_size_specific(cfg: Mapping[str, Any], *, quiet: bool = False) -> list[
     for stage in stages:
         r = results[stage.key]
         last = r.metrics.sort_values("epoch").iloc[-1].to_dict() if len(r.metrics) else {}
-        summary.append({"stage": stage.key, "space": stage.space.name, "run_dir": str(r.run_dir),
-                        "supernet": str(r.supernet_path), "inherit_from": stage.inherit_from,
+        summary.append({"stage": stage.key, "space": stage.space.name, "run_dir": r.run_dir,
+                        "supernet": r.supernet_path, "inherit_from": stage.inherit_from,
                         "inherited_fraction": stage.shared_fraction, "skipped": r.skipped,
                         "last_epoch": {k: v for k, v in last.items() if isinstance(v, (int, float, str))}})
-    (chain_dir / CHAIN_FILE).write_text(json.dumps(summary, indent=2, default=float))
+    storage.write_text(storage.join(chain_dir, CHAIN_FILE), json.dumps(summary, indent=2, default=float))
     return [results[s.key] for s in stages]
 
 
@@ -345,19 +353,22 @@ def add_arguments(parser: argparse.ArgumentParser, config_flag: bool = False) ->
     else:
         parser.add_argument("config", help="size-specific chain YAML (see pipelines/configs/train_autovit_sizes.yaml)")
     parser.add_argument("--name", help="chain name (stage runs go to <storage>/<name>/<stage>); re-running resumes")
-    parser.add_argument("--storage", help="directory holding runs (overrides storage_path)")
+    parser.add_argument("--storage", help="directory or URI (s3://bucket/prefix) holding runs (overrides storage_path)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers per stage")
     parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--epochs", type=int, help="epochs of every stage (overrides train.epochs)")
+    from raynas.train.cli import add_plugin_argument
+
+    add_plugin_argument(parser)
 
 
 def cmd_train_sizes(args: argparse.Namespace) -> int:
+    load_plugins(args.plugin)
     cfg = load_chain_config(args.config, {"name": args.name, "storage_path": args.storage,
                                           "train.scaling.num_workers": args.num_workers,
                                           "train.scaling.use_gpu": args.use_gpu, "train.epochs": args.epochs})
-    results = train_size_specific(cfg)
-    print(json.dumps({r.key: {"run_dir": str(r.run_dir), "supernet": str(r.supernet_path),
-                              "inherited_from": str(r.inherited_from) if r.inherited_from else None,
+    results = train_size_specific(cfg, plugins=args.plugin)
+    print(json.dumps({r.key: {"run_dir": r.run_dir, "supernet": r.supernet_path, "inherited_from": r.inherited_from,
                               "skipped": r.skipped} for r in results}))
     return 0
 

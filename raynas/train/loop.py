@@ -7,20 +7,18 @@ restarts; everything else is here: build, resume, train with the strategy, measu
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from raynas.errors import ConfigError
+from raynas import storage
 from raynas.train.checkpointing import (
     checkpoint_dir_name,
     load_resume_state,
@@ -45,22 +43,23 @@ def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def _resume_dir(stack: contextlib.ExitStack, explicit_dir: str | None) -> Path | None:
+def _resume_dir(stack: contextlib.ExitStack, explicit_dir: str | None) -> str | None:
     """The checkpoint with the most completed epochs among Ray's (a retry within the run, or Ray's
-    run snapshot) and the one the driver found in the run directory; None for a fresh start."""
+    run snapshot; Ray downloads it to this node) and the one the driver found in the run's storage
+    (read through raynas.storage, wherever it is); None for a fresh start."""
     import ray.train
 
-    candidates: list[tuple[int, Path]] = []
+    candidates: list[tuple[int, str]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        path = Path(stack.enter_context(checkpoint.as_directory()))
+        path = stack.enter_context(checkpoint.as_directory())
         meta = read_meta(path)
         if meta is not None:
             candidates.append((meta["epoch"], path))
     if explicit_dir is not None:
         meta = read_meta(explicit_dir)
         if meta is not None:
-            candidates.append((meta["epoch"], Path(explicit_dir)))
+            candidates.append((meta["epoch"], explicit_dir))
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
@@ -102,7 +101,7 @@ class WorkerRun:
         from raynas.train.optim import build_scheduler, optimizer_factory
         from raynas.train.strategies import build_strategy
 
-        self.cfg, self.run_dir = config["cfg"], Path(config["run_dir"])
+        self.cfg, self.run_dir = config["cfg"], config["run_dir"]  # run_dir: a location (path or URI)
         cfg = self.cfg
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -117,7 +116,7 @@ class WorkerRun:
         supernet = build_supernet(self.space, **cfg["supernet"])
         self.strategy = build_strategy(cfg["strategy"], self.space, cfg["seed"])
         self.module = self.strategy.prepare_model(supernet).to(self.device)
-        seed_everything(cfg["seed"] * 1000 + self.rank)  # augmentation differs across ranks
+        seed_everything(cfg["seed"] * 1000 + self.rank)  # e.g. dropout differs across ranks
 
         self._build_loaders()
         self.optimizers = self.strategy.configure_optimizers(self.module, optimizer_factory(cfg["optimizer"]))
@@ -128,25 +127,12 @@ class WorkerRun:
         self.start_epoch, self.global_step = 0, 0
 
     def _build_loaders(self) -> None:
-        """Each rank trains on its shard; every rank calibrates BN on the same fixed images."""
-        from raynas.data import build_dataset, fixed_subset, shard_loader
+        """Each rank reads its equal shard of every epoch; every rank calibrates BN on the same fixed
+        images and validates on the whole validation set (Datasets from raynas.data.ray_train)."""
+        from raynas.data import WorkerData
 
-        data, ev = self.cfg["data"], self.cfg["eval"]
-        res, ch = self.space.resolution, self.space.in_channels
-        train_set = build_dataset(data, "train", res, in_channels=ch)
-        val_set = build_dataset(data, "val", res, in_channels=ch)
-        bn_set = fixed_subset(build_dataset(data, "train", res, in_channels=ch, augment=False),
-                              ev["bn_samples"], seed=ev["seed"])
-        pin = self.device.type == "cuda"
-        self.train_loader = shard_loader(train_set, data["batch_size"], rank=self.rank, world_size=self.world,
-                                         shuffle=True, seed=self.cfg["seed"], drop_last=True,
-                                         num_workers=data["loader_workers"], pin_memory=pin)
-        if len(self.train_loader) == 0:
-            raise ConfigError(f"data.batch_size: {data['batch_size']} per worker exceeds the "
-                              f"{len(train_set) // self.world} training images of each of the {self.world} workers")
-        self.steps_per_epoch = min(len(self.train_loader), self.cfg["steps_per_epoch"] or math.inf)
-        self.bn_loader = shard_loader(bn_set, data["eval_batch_size"], shuffle=False, pin_memory=pin)
-        self.val_loader = shard_loader(val_set, data["eval_batch_size"], shuffle=False, pin_memory=pin)
+        self.data = WorkerData.from_shards(self.cfg["data"], self.space.in_channels, self.device, self.world)
+        self.steps_per_epoch = self.data.train.steps  # >= 1: the driver checked (raynas.data.ray_train)
 
     def restore(self, explicit_dir: str | None) -> None:
         """Continue from the latest checkpoint, if any: weights, optimizers, schedules, AMP scaler,
@@ -169,7 +155,7 @@ class WorkerRun:
                 restore_rng(state.rng)
             self.start_epoch, self.global_step = state.epoch, state.train_state["global_step"]
         if self.rank == 0:
-            _say(f"[raynas train {self.cfg['name']}] resuming from {directory} "
+            _say(f"[raynas train {self.cfg['name']}] resuming from {storage.display(directory)} "
                  f"({self.start_epoch}/{self.num_epochs} epochs done)")
 
     def step_context(self):
@@ -194,7 +180,6 @@ class WorkerRun:
 
     def train_epoch(self, epoch: int, ctx) -> dict[str, Any]:
         """One epoch of strategy steps; returns the per-step metrics averaged over steps and ranks."""
-        self.train_loader.sampler.set_epoch(epoch)
         self.strategy.on_epoch_start(epoch, self.num_epochs)
         self.module.train()
         ctx.epoch = epoch
@@ -202,11 +187,10 @@ class WorkerRun:
         sums: dict[str, float] = defaultdict(float)
         steps = 0
         log_every = self.cfg["log_every"]
-        for step, (x, y) in enumerate(self.train_loader):
-            if step >= self.steps_per_epoch:
-                break
+        # The shard holds exactly steps_per_epoch full batches, already on the device and normalised;
+        # it is read to its end, which is how Ray Data's split learns that this rank's epoch is done.
+        for step, (x, y) in enumerate(self.data.train.epoch(epoch)):
             ctx.step = step
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             metrics = self.strategy.train_step(x, y, ctx)
             for sched in self.schedulers.values():
                 sched.step()
@@ -229,7 +213,7 @@ class WorkerRun:
         if not due:
             return {}
         archs = epoch_archs(self.space, self.strategy.teacher_arch(), ev["num_random"], ev["seed"], epoch)
-        return evaluate_epoch(self.module, archs, self.bn_loader, self.val_loader, ev["bn_samples"], self.device,
+        return evaluate_epoch(self.module, archs, self.data.bn, self.data.val, ev["bn_samples"], self.device,
                               rank=self.rank, world_size=self.world, autocast=ctx.autocast)
 
     def checkpoint(self, epoch: int, ctx, row: dict[str, Any]) -> None:
@@ -249,6 +233,7 @@ class WorkerRun:
         if self.rank == 0:
             # Before the report: a crash in between only makes the epoch re-run and its row replaced.
             append_metrics(self.run_dir, row)
+        # A node-local staging directory: `report` uploads it into the run's storage, and it goes.
         with tempfile.TemporaryDirectory(prefix="raynas-ckpt-") as tmp:
             write_checkpoint(tmp, rank=self.rank, epoch=epoch + 1, world_size=self.world, supernet=exported,
                              trained_module=self.module, train_state=train_state, strategy_name=self.strategy.name)
@@ -258,6 +243,7 @@ class WorkerRun:
 
     def run(self) -> None:
         from raynas.supernets.checkpoint import save_supernet
+        from raynas.train.trainer import SUPERNET_FILE
 
         ctx = self.step_context()
         batch = self.cfg["data"]["batch_size"]
@@ -275,7 +261,7 @@ class WorkerRun:
             if self.rank == 0:
                 _say(_progress_line(row, self.num_epochs))
         if self.rank == 0:
-            save_supernet(self.strategy.export_supernet(self.module), self.run_dir / "supernet.pt",
+            save_supernet(self.strategy.export_supernet(self.module), storage.join(self.run_dir, SUPERNET_FILE),
                           extra={"epoch": self.num_epochs, "strategy": self.strategy.name})
 
 
@@ -292,8 +278,12 @@ def _quiet_ray_train_reports() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker. `config`: {"cfg", "run_dir", "num_classes", "resume_dir"}."""
+    """Entry point of each Ray Train worker. `config`: {"cfg", "run_dir", "num_classes", "resume_dir",
+    "plugins"}; the locations are local paths or URIs, read and written through raynas.storage."""
+    from raynas.train.strategies import load_plugins
+
     _quiet_ray_train_reports()
+    load_plugins(config.get("plugins", ()))  # the strategy modules the driver was given (--plugin)
     run = WorkerRun(config)
     run.restore(config.get("resume_dir"))
     run.run()

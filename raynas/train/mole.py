@@ -15,12 +15,12 @@ with `scheduler.warmup_epochs: 5` giving its linear warm-up), the router its own
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from raynas.errors import ConfigError
+from raynas import storage
+from raynas.errors import ConfigError, UserError
 from raynas.nn.lora import MOLE_DEFAULTS, MoLESupernet, attach_mole, validate_mole_config
 from raynas.train.losses import accuracy, label_loss
 from raynas.train.samplers import uniform_arch
@@ -31,24 +31,22 @@ STRATEGY_KEYS = {"init_from": None, "warmup_epochs": 5, "router_lr": 0.1, "route
                  "router_weight_decay": 0.0}
 
 
-def _read_checkpoint_header(path: str, where: str) -> dict[str, Any]:
-    """The checkpoint's description without materialising its tensors (mmap)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{where}: file {p} does not exist (a trained autoformer supernet, e.g. "
-                          f"<storage_path>/<run>/supernet.pt)")
+def _read_checkpoint(path: str, where: str) -> dict[str, Any]:
+    """The checkpoint's state (a local path or URI, read through raynas.storage); errors name `where`."""
+    from raynas.supernets.checkpoint import read_checkpoint
+
+    if not storage.is_file(path):
+        raise ConfigError(f"{where}: file {storage.display(path)} does not exist (a trained autoformer "
+                          f"supernet, e.g. <storage_path>/<run>/supernet.pt)")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for foreign files
-        raise ConfigError(f"{where}: {p} is not a raynas supernet checkpoint ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != "raynas-supernet/1":
-        raise ConfigError(f"{where}: {p} is not a raynas supernet checkpoint")
-    return state
+        return read_checkpoint(path)
+    except UserError as exc:
+        raise ConfigError(f"{where}: {str(exc).removeprefix('checkpoint: ')}") from None
 
 
 def load_pretrained(supernet: torch.nn.Module, path: str, where: str = "strategy.init_from") -> None:
     """Load a plain supernet checkpoint of the same space, resolution and classes into `supernet`."""
-    state = _read_checkpoint_header(path, where)
+    state = _read_checkpoint(path, where)
     space = supernet.space
     if state["space"] != space.name:
         raise ConfigError(f"{where}: {path} was trained on space '{state['space']}', not '{space.name}'")
@@ -74,8 +72,9 @@ class MoLEStrategy(Strategy):
                               f"(e.g. <storage_path>/<run>/supernet.pt)")
         if not isinstance(options["init_from"], str):
             raise ConfigError(f"{where}.init_from: expected a checkpoint path, got {options['init_from']!r}")
-        options["init_from"] = str(Path(options["init_from"]).expanduser().resolve())
-        state = _read_checkpoint_header(options["init_from"], f"{where}.init_from")
+        # Absolute (or a URI): every worker reads it, whatever its working directory.
+        options["init_from"] = storage.normalize(options["init_from"])
+        state = _read_checkpoint(options["init_from"], f"{where}.init_from")
         family = state.get("space_config", {}).get("family")
         if family not in cls.FAMILIES:
             raise ConfigError(f"{where}.init_from: {options['init_from']} is a '{family}' supernet; "

@@ -1,25 +1,32 @@
 """The driver side of supernet training: validate, locate the run, launch TorchTrainer, collect.
 
 `train(config)` is what `raynas train` and `pipelines/train_supernet.py` call. Everything that can
-be checked without compute (config, space, strategy/space fit, supernet options, data paths,
-resume consistency, cluster resources) is checked here before any worker starts.
+be checked without compute (config, space, strategy/space fit, supernet options, data paths, that
+the storage path is writable, resume consistency, cluster resources) is checked here before any
+worker starts.
+
+The run lives at `<storage_path>/<name>`, a local path or a URI (s3://bucket/runs/name): Ray Train
+keeps its checkpoints there (RunConfig storage_path + storage_filesystem), the workers add
+metrics.parquet and supernet.pt through raynas.storage, and a re-run with the same storage path and
+name resumes from there, from any node, in any working directory.
 """
 
 from __future__ import annotations
 
+import posixpath
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from raynas import storage
 from raynas.errors import ConfigError, UserError
 from raynas.space import SearchSpace
 from raynas.train.checkpointing import find_latest_checkpoint, read_meta
 from raynas.train.config import validate_train_config
-from raynas.train.metrics import METRICS_FILE, read_metrics
+from raynas.train.metrics import metrics_location, read_metrics
 
 SUPERNET_FILE = "supernet.pt"
 CONFIG_FILE = "config.yaml"
@@ -30,17 +37,18 @@ class RunPlan:
     cfg: dict[str, Any]
     space: SearchSpace
     num_classes: int
-    run_dir: Path
-    resume_dir: Path | None   # latest complete checkpoint already in the run directory
+    run_dir: str              # location: a local path or a URI
+    resume_dir: str | None    # latest complete checkpoint already in the run directory
     resume_epoch: int
 
 
 @dataclass
 class TrainResult:
-    run_dir: Path
-    supernet_path: Path
-    metrics_path: Path
-    checkpoint_dir: Path | None
+    """Where the run's artifacts are: location strings (local paths or URIs) for raynas.storage."""
+    run_dir: str
+    supernet_path: str
+    metrics_path: str
+    checkpoint_dir: str | None
     epochs: int
 
     def metrics(self):
@@ -64,13 +72,14 @@ def plan_run(cfg: Mapping[str, Any]) -> RunPlan:
         build_supernet(space, **cfg["supernet"])
     except (TypeError, UserError) as exc:  # e.g. an option the family's builder does not take
         raise ConfigError(f"supernet: {exc}") from None
-    run_dir = Path(cfg["storage_path"]) / cfg["name"]
+    storage.check_writable(cfg["storage_path"], "storage_path")
+    run_dir = storage.join(cfg["storage_path"], cfg["name"])
     resume_dir = find_latest_checkpoint(run_dir)
     resume_epoch = 0
     if resume_dir is not None:
         meta = read_meta(resume_dir)
         if meta["space"] != space.name:
-            raise ConfigError(f"name: run '{cfg['name']}' in {cfg['storage_path']} trained space "
+            raise ConfigError(f"name: run '{cfg['name']}' in {storage.display(cfg['storage_path'])} trained space "
                               f"'{meta['space']}', not '{space.name}'; choose another --name")
         resume_epoch = meta["epoch"]
     return RunPlan(cfg, space, num_classes, run_dir, resume_dir, resume_epoch)
@@ -108,43 +117,65 @@ def _user_error_of(exc: BaseException) -> UserError | None:
     return None
 
 
-def train(cfg: Mapping[str, Any], *, quiet: bool = False) -> TrainResult:
-    """Train a supernet as configured (see pipelines/configs/*.yaml); resume the run if it exists."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
+def build_trainer(plan: RunPlan, *, plugins: Sequence[str] = (), callbacks: Sequence[Any] = ()):
+    """The run's `TorchTrainer`: workers, storage, failure and checkpoint policy. Shared by `train` and
+    the Tune trials, so both keep runs the same way."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raynas.data.ray_train import trainer_datasets
     from raynas.train.loop import train_loop_per_worker
 
-    plan = plan_run(cfg)
     cfg = plan.cfg
     scaling = cfg["scaling"]
-    _ensure_ray(scaling["num_workers"], scaling["cpus_per_worker"], scaling["use_gpu"])
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    (plan.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
-    if not quiet:
-        resumed = f", resuming after epoch {plan.resume_epoch}" if plan.resume_dir else ""
-        print(f"raynas train: run '{cfg['name']}' in {plan.run_dir}: space {plan.space.name} "
-              f"(resolution {plan.space.resolution}, {plan.num_classes} classes), strategy "
-              f"{cfg['strategy']['name']}, {cfg['epochs']} epochs on {scaling['num_workers']} "
-              f"{'GPU' if scaling['use_gpu'] else 'CPU'} worker(s){resumed}", file=sys.stderr, flush=True)
-
     resources = {"CPU": scaling["cpus_per_worker"]}
     if scaling["use_gpu"]:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    # Ray writes the checkpoints into the same store raynas reads and writes (one file system object).
+    storage_path, storage_filesystem = storage.filesystem_for_ray(cfg["storage_path"])
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "run_dir": str(plan.run_dir), "num_classes": plan.num_classes,
-                           "resume_dir": str(plan.resume_dir) if plan.resume_dir else None},
+        train_loop_config={"cfg": cfg, "run_dir": plan.run_dir, "num_classes": plan.num_classes,
+                           "resume_dir": plan.resume_dir, "plugins": list(plugins)},
         scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
                                      resources_per_worker=resources),
+        # Training, BN-recalibration and validation data as Ray Datasets (raynas.data.ray_train).
+        **trainer_datasets(cfg, plan.space.resolution, plan.space.in_channels),
         run_config=RunConfig(
-            name=cfg["name"], storage_path=cfg["storage_path"],
+            name=cfg["name"], storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg["failure"]["max_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg["checkpoint"]["num_to_keep"]),
             # Ray Train's per-report INFO lines would drown the one progress line per epoch.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
     )
+
+
+def train(cfg: Mapping[str, Any], *, quiet: bool = False, plugins: Sequence[str] = ()) -> TrainResult:
+    """Train a supernet as configured (see pipelines/configs/*.yaml); resume the run if it exists.
+
+    `plugins`: modules named on the command line (`--plugin`) whose strategies the config may select;
+    the driver and every worker import them (see raynas.train.strategies).
+    """
+    from ray.train import TrainingFailedError
+
+    from raynas.train.strategies import load_plugins
+
+    load_plugins(plugins)
+    plan = plan_run(cfg)
+    cfg = plan.cfg
+    scaling = cfg["scaling"]
+    _ensure_ray(scaling["num_workers"], scaling["cpus_per_worker"], scaling["use_gpu"])
+    storage.write_text(storage.join(plan.run_dir, CONFIG_FILE), yaml.safe_dump(cfg, sort_keys=False))
+    if not quiet:
+        resumed = f", resuming after epoch {plan.resume_epoch}" if plan.resume_dir else ""
+        print(f"raynas train: run '{cfg['name']}' in {storage.display(plan.run_dir)}: space {plan.space.name} "
+              f"(resolution {plan.space.resolution}, {plan.num_classes} classes), strategy "
+              f"{cfg['strategy']['name']}, {cfg['epochs']} epochs on {scaling['num_workers']} "
+              f"{'GPU' if scaling['use_gpu'] else 'CPU'} worker(s){resumed}", file=sys.stderr, flush=True)
+
+    trainer = build_trainer(plan, plugins=plugins)
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
@@ -152,6 +183,13 @@ def train(cfg: Mapping[str, Any], *, quiet: bool = False) -> TrainResult:
         if user_error is not None:  # e.g. a batch larger than a worker's shard: one line, exit 2
             raise user_error from None
         raise
-    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
-    supernet_path = plan.run_dir / SUPERNET_FILE
-    return TrainResult(plan.run_dir, supernet_path, plan.run_dir / METRICS_FILE, checkpoint_dir, cfg["epochs"])
+    return TrainResult(plan.run_dir, storage.join(plan.run_dir, SUPERNET_FILE), metrics_location(plan.run_dir),
+                       checkpoint_location(plan, result), cfg["epochs"])
+
+
+def checkpoint_location(plan: RunPlan, result) -> str | None:
+    """The run's last checkpoint as a location: Ray names it by its path inside `storage_filesystem`;
+    it is a directory of the run (named by the loop's `checkpoint_dir_name`)."""
+    if result.checkpoint is None:
+        return None
+    return storage.join(plan.run_dir, posixpath.basename(result.checkpoint.path.rstrip("/")))

@@ -19,6 +19,6 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("tune", help="Ray Tune sweep (Optuna + ASHA) of big/little loss and router settings")
     p.add_argument("config", help="tune YAML (see pipelines/configs/tune_biglittle.yaml)")
     p.add_argument("--name", help="sweep name (default: config name, else the file's stem)")
-    p.add_argument("--storage", help="directory holding sweeps (overrides storage_path)")
+    p.add_argument("--storage", help="directory or URI (s3://bucket/prefix) holding sweeps (overrides storage_path)")
     p.add_argument("--num-samples", type=int, dest="num_samples", help="number of trials (overrides num_samples)")
     p.set_defaults(func=cmd_tune)

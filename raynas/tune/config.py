@@ -8,13 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from raynas import storage
 from raynas.config_utils import check_known, one_of, positive_float, positive_int, read_yaml, section
 from raynas.errors import ConfigError
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
 DEFAULTS: dict[str, Any] = {
     "name": None,
-    "storage_path": "~/raynas_runs/tune",
+    "storage_path": "~/raynas_runs/tune",  # a local path or a URI (s3://bucket/prefix, ...)
     "train": None,               # base training config: a YAML path (relative to this file) or a mapping
     "param_space": None,         # name -> {uniform|loguniform: [lo, hi]} | {quniform: [lo, hi, q]} | ...
     "num_samples": 8,
@@ -97,9 +98,10 @@ def validate_tune_config(cfg: Mapping[str, Any], base_dir: Path | None = None) -
     out.update({k: v for k, v in cfg.items() if not isinstance(DEFAULTS.get(k), dict)})
     if not isinstance(out["name"], str) or not out["name"] or "/" in out["name"]:
         raise ConfigError(f"name: expected a run name without '/', got {out['name']!r}")
-    if not isinstance(out["storage_path"], str) or not out["storage_path"] or "://" in out["storage_path"]:
-        raise ConfigError(f"storage_path: expected a local directory, got {out['storage_path']!r}")
-    out["storage_path"] = str(Path(out["storage_path"]).expanduser().resolve())
+    if not isinstance(out["storage_path"], str) or not out["storage_path"]:
+        raise ConfigError(f"storage_path: expected a directory path or a URI such as s3://bucket/tune, "
+                          f"got {out['storage_path']!r}")
+    out["storage_path"] = storage.normalize(out["storage_path"])
 
     train = out["train"]
     if isinstance(train, str):

@@ -2,7 +2,7 @@
 threshold and router hyper-parameters, with Optuna's TPE sampler (`OptunaSearch`) proposing trials and
 ASHA stopping unpromising ones early. Each trial trains through Ray Train (see raynas.tune.trial).
 
-<storage_path>/<name>/
+<storage_path>/<name>/ (a local path or a URI such as s3://bucket/tune/name; written through raynas.storage)
   trials.parquet     one row per trial: its parameters, last metrics (validation ones when it finished)
   results.parquet    every report of every trial (epochs, then the validation row)
   best.yaml          the training config with the best trial's values filled in (`raynas train best.yaml`)
@@ -15,12 +15,12 @@ import contextlib
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
 
+from raynas import storage
 from raynas.tune.config import apply_params
 
 
@@ -54,9 +54,11 @@ def run_tune(sweep: dict[str, Any]) -> dict[str, Any]:
     from raynas.tune.trial import biglittle_trial
 
     started = time.time()
+    storage.check_writable(sweep["storage_path"], "storage_path")  # one line now, not after the trials
     init_local_ray()
-    out_dir = Path(sweep["storage_path"]) / sweep["name"]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.join(sweep["storage_path"], sweep["name"])
+    # Tune keeps its experiment state in the same store as the trials' runs and the results.
+    storage_path, storage_filesystem = storage.filesystem_for_ray(sweep["storage_path"])
     epochs = sweep["train"]["epochs"]
     sched = sweep["scheduler"]
     if sched["name"] == "asha":
@@ -74,7 +76,8 @@ def run_tune(sweep: dict[str, Any]) -> dict[str, Any]:
                                     search_alg=OptunaSearch(seed=sweep["search_alg"]["seed"]),
                                     scheduler=scheduler, num_samples=sweep["num_samples"],
                                     max_concurrent_trials=sweep["max_concurrent_trials"]),
-        run_config=tune.RunConfig(name=sweep["name"], storage_path=sweep["storage_path"], verbose=1),
+        run_config=tune.RunConfig(name=sweep["name"], storage_path=storage_path,
+                                  storage_filesystem=storage_filesystem, verbose=1),
     )
     with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables; stdout keeps the JSON summary
         grid = tuner.fit()
@@ -95,14 +98,14 @@ def run_tune(sweep: dict[str, Any]) -> dict[str, Any]:
                 .fillna("train_batches")
             history.append(frame)
     trials_df = pd.DataFrame(trials)
-    trials_df.to_parquet(out_dir / "trials.parquet")
+    storage.write_pandas(storage.join(out_dir, "trials.parquet"), trials_df)
     if history:
         frames = [f.drop(columns=[c for c in f.columns if f[c].map(lambda v: isinstance(v, dict)).any()])
                   for f in history]
-        pd.concat(frames, ignore_index=True).to_parquet(out_dir / "results.parquet")
+        storage.write_pandas(storage.join(out_dir, "results.parquet"), pd.concat(frames, ignore_index=True))
 
     finished = [t for t in trials if t.get("score_source") == "validation" and not math.isnan(t.get("score", math.nan))]
-    summary: dict[str, Any] = {"name": sweep["name"], "dir": str(out_dir), "trials": len(trials),
+    summary: dict[str, Any] = {"name": sweep["name"], "dir": out_dir, "trials": len(trials),
                                "finished": len(finished), "stopped_early": len(trials) - len(finished),
                                "wall_s": round(time.time() - started, 1)}
     if finished:
@@ -116,9 +119,10 @@ def run_tune(sweep: dict[str, Any]) -> dict[str, Any]:
                   f"E[MACs]/MACs(big) {best['val_e_macs_frac']:.3f}\n# swept: "
                   + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
                   + "\n")
-        (out_dir / "best.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
+        best_location = storage.write_text(storage.join(out_dir, "best.yaml"),
+                                           header + yaml.safe_dump(best_cfg, sort_keys=False))
         summary.update(best_trial=best["trial_id"], best_score=best["score"], best_params=params,
-                       best_val_accuracy=best["val_accuracy"], best_config=str(out_dir / "best.yaml"))
+                       best_val_accuracy=best["val_accuracy"], best_config=best_location)
     else:
         print("raynas tune: no trial finished its training; no best.yaml written", file=sys.stderr)
     return summary

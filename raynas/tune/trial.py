@@ -10,13 +10,15 @@ once more with `score` measured on the validation set (BN recalibrated per model
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from raynas import storage
 from raynas.tune.config import apply_params
 
+TRAIN_RUNS = "train_runs"  # the sweep's subdirectory holding each trial's Ray Train run
 
-def evaluate_trial(supernet_path: Path, train_cfg: dict[str, Any], evaluation: dict[str, Any],
+
+def evaluate_trial(supernet_path: str, train_cfg: dict[str, Any], evaluation: dict[str, Any],
                    cost_penalty: float) -> dict[str, Any]:
     """Validation metrics of the trial's pair at its tau, and the score the sweep ranks."""
     from raynas.biglittle.costs import PairCostModel
@@ -42,39 +44,20 @@ def evaluate_trial(supernet_path: Path, train_cfg: dict[str, Any], evaluation: d
 
 
 def biglittle_trial(config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
-    """Tune function trainable; `config` holds the sampled parameters, `sweep` the validated tune config."""
+    """Tune function trainable; `config` holds the sampled parameters, `sweep` the validated tune config.
+    The trial's run lives in the sweep's storage (`<storage_path>/<name>/train_runs/trial_<id>`, a local
+    path or URI) and is built exactly as `raynas train` builds one (raynas.train.trainer.build_trainer)."""
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raynas.train.loop import train_loop_per_worker
-    from raynas.train.trainer import SUPERNET_FILE, plan_run
+    from raynas.train.trainer import SUPERNET_FILE, build_trainer, plan_run
 
-    context = ray.tune.get_context()
-    trial_id = context.get_trial_id()
+    trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_params(sweep["train"], config)
     cfg["name"] = f"trial_{trial_id}"
-    cfg["storage_path"] = str(Path(sweep["storage_path"]) / sweep["name"] / "train_runs")
+    cfg["storage_path"] = storage.join(sweep["storage_path"], sweep["name"], TRAIN_RUNS)
     plan = plan_run(cfg)
-    cfg = plan.cfg
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    scaling = cfg["scaling"]
-    resources = {"CPU": scaling["cpus_per_worker"]}
-    if scaling["use_gpu"]:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "run_dir": str(plan.run_dir), "num_classes": plan.num_classes,
-                           "resume_dir": str(plan.resume_dir) if plan.resume_dir else None},
-        scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg["name"], storage_path=cfg["storage_path"],
-                             failure_config=FailureConfig(max_failures=cfg["failure"]["max_failures"]),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg["checkpoint"]["num_to_keep"]),
-                             callbacks=[TuneReportCallback()]),
-    )
-    trainer.fit()
-    metrics = evaluate_trial(plan.run_dir / SUPERNET_FILE, cfg, sweep["evaluation"],
+    build_trainer(plan, callbacks=[TuneReportCallback()]).fit()
+    metrics = evaluate_trial(storage.join(plan.run_dir, SUPERNET_FILE), plan.cfg, sweep["evaluation"],
                              sweep["objective"]["cost_penalty"])
-    ray.tune.report({**metrics, "run_dir": str(plan.run_dir)})
+    ray.tune.report({**metrics, "run_dir": plan.run_dir})

@@ -2,20 +2,29 @@
 
 Built-in strategies live in modules of this package (or in COMPANION_MODULES) and register
 themselves with `@register_strategy`; those modules are imported on first lookup, so a new strategy
-is a new file. A config may also name `package.module:ClassName` for a strategy defined elsewhere.
+is a new file. Strategies defined elsewhere are plug-ins, found in one of two places the user
+controls, never in a config file (a config is data: naming `module:Class` there would let any file
+import any code):
+  * an installed package's entry point in the `raynas.strategies` group
+    (`[project.entry-points."raynas.strategies"] mine = "mypkg.strategies:MyStrategy"`);
+  * a module named on the command line (`raynas train CFG --plugin mypkg.strategies`), imported by
+    the driver and by every worker, which registers its classes with `@register_strategy`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import pkgutil
+from collections.abc import Iterable
 
-from raynas.errors import ConfigError
+from raynas.errors import ConfigError, UserError
 from raynas.train.strategies.base import StepContext, Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 # Strategies that live next to their method's other code in raynas.train (imported if present).
-COMPANION_MODULES = ("raynas.train.focusfair", "raynas.train.mole")
+COMPANION_MODULES = ("raynas.train.focusfair", "raynas.train.mole", "raynas.train.inherit")
+ENTRY_POINT_GROUP = "raynas.strategies"
 _discovered = False
 
 
@@ -50,22 +59,51 @@ def strategy_names() -> list[str]:
     return sorted(STRATEGIES)
 
 
-def get_strategy_class(name: str) -> type[Strategy]:
-    """A registered name, or `module.path:ClassName` of a Strategy subclass."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
+def load_plugins(modules: Iterable[str]) -> None:
+    """Import the strategy modules named on the command line (`--plugin`); each registers its strategies
+    with `@register_strategy`. The driver and every Ray Train worker call this with the same list."""
+    for module in modules:
         try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"strategy.name: cannot import {name!r} ({exc})") from None
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UserError(f"--plugin: cannot import module {module!r} ({exc}); allowed: an importable "
+                            "module that registers strategies with @register_strategy") from None
+
+
+def _entry_point_names() -> list[str]:
+    return sorted({ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def _from_entry_point(name: str) -> type[Strategy] | None:
+    """The strategy an installed package declares under `name` in the entry-point group, if any."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plug-in package: name it instead of a traceback
+            raise ConfigError(f"strategy.name: entry point '{name}' ({ep.value}) of group {ENTRY_POINT_GROUP} "
+                              f"failed to load ({type(exc).__name__}: {str(exc).partition(chr(10))[0]})") from None
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise ConfigError(f"strategy.name: {name!r} is not a raynas Strategy subclass")
+            raise ConfigError(f"strategy.name: entry point '{name}' ({ep.value}) is not a raynas Strategy subclass")
+        STRATEGIES[name] = cls
         return cls
+    return None
+
+
+def _allowed() -> str:
+    return (f"allowed: {sorted({*STRATEGIES, *_entry_point_names()})}, or a strategy from a module given with "
+            f"--plugin MODULE or from an installed package's '{ENTRY_POINT_GROUP}' entry point")
+
+
+def get_strategy_class(name: str) -> type[Strategy]:
+    """A registered name (built-in, `--plugin` module, or `raynas.strategies` entry point)."""
     _discover()
-    if name not in STRATEGIES:
-        raise ConfigError(f"strategy.name: unknown '{name}'; allowed: {sorted(STRATEGIES)} "
-                          "or module.path:ClassName")
-    return STRATEGIES[name]
+    if ":" in name:
+        raise ConfigError(f"strategy.name: {name!r} names code to import, which a config file may not do; "
+                          + _allowed())
+    cls = STRATEGIES.get(name) or _from_entry_point(name)
+    if cls is None:
+        raise ConfigError(f"strategy.name: unknown '{name}'; " + _allowed())
+    return cls
 
 
 def build_strategy(options: dict, space, seed: int) -> Strategy:
@@ -76,5 +114,5 @@ def build_strategy(options: dict, space, seed: int) -> Strategy:
     return cls(space, cls.validate_options(options), seed)
 
 
-__all__ = ["STRATEGIES", "StepContext", "Strategy", "build_strategy", "get_strategy_class",
-           "register_strategy", "strategy_names"]
+__all__ = ["ENTRY_POINT_GROUP", "STRATEGIES", "StepContext", "Strategy", "build_strategy", "get_strategy_class",
+           "load_plugins", "register_strategy", "strategy_names"]

@@ -8,7 +8,7 @@ temperatures) that is checkpointed with `state_dict` / `load_state_dict`.
 
 To add one: subclass `Strategy`, set `name` and `DEFAULTS`, implement `train_step`, decorate the
 class with `@register_strategy` in a module under `raynas/train/strategies/` (found automatically),
-or name it in a config as `module.path:ClassName`.
+or ship it as a plug-in (a `raynas.strategies` entry point, or a module given with `--plugin`).
 """
 
 from __future__ import annotations

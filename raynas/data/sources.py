@@ -1,0 +1,104 @@
+"""The rows of a dataset split as a Ray Dataset: {"image", "label", "id"}, images at native size.
+
+Each source module reads its own format (embedded arrays, CIFAR pickles, an ImageFolder tree through
+`ray.data.read_images`, Parquet through `ray.data.read_parquet`); this module adds what they share:
+the fixed hold-out split where the source has no validation split, the size caps, and seeded subsets.
+A row's `id` is stable (an index into embedded arrays, a hash of a file's path or of a Parquet row), and
+every selection is a hash of it (raynas.data.keys), so a split is the same on every node and every run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from raynas.data import keys
+from raynas.errors import ConfigError
+
+SPLITS = ("train", "val")
+ROWS_PER_BLOCK = 1024  # embedded arrays: rows per Ray Data block (a fixed layout, whatever the cluster)
+
+
+@dataclass(frozen=True)
+class Source:
+    dataset: Any          # ray.data.Dataset of {"image", "label", "id"}
+    ids: np.ndarray       # the id of every row (known without reading images, except for Parquet)
+    kind: str             # "array" (CHW arrays at native size) or "file" (encoded/decoded image files)
+    cpus: float = 1.0     # CPUs each Ray Data task of this source's pipeline asks for
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+    def select(self, n: int, *salt: int, complement: bool = False) -> Source:
+        """The rows whose ids have the `n` smallest keys for `salt` (or all the others)."""
+        _, threshold = keys.smallest(self.ids, n, *salt)
+        mask = keys.in_subset(self.ids, threshold, *salt) != complement
+        dataset = self.dataset.map_batches(_keep, fn_kwargs={"threshold": threshold, "salt": salt,
+                                                             "complement": complement},
+                                           batch_format="numpy", num_cpus=self.cpus)
+        return replace(self, dataset=dataset, ids=self.ids[mask])
+
+
+def _keep(batch: dict[str, np.ndarray], threshold: int, salt: tuple[int, ...], complement: bool):
+    mask = keys.in_subset(batch["id"], threshold, *salt) != complement
+    return {k: v[mask] for k, v in batch.items()}
+
+
+def from_arrays(images: np.ndarray, labels: np.ndarray, cpus: float, ids: np.ndarray | None = None) -> Source:
+    """Embedded N x C x H x W arrays as a Dataset, in blocks of a fixed size."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    ids = np.arange(len(labels), dtype=np.int64) if ids is None else ids
+    tables = [pa.table({"image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[i:i + ROWS_PER_BLOCK])),
+                        "label": pa.array(labels[i:i + ROWS_PER_BLOCK].astype(np.int64)),
+                        "id": pa.array(ids[i:i + ROWS_PER_BLOCK])})
+              for i in range(0, max(len(labels), 1), ROWS_PER_BLOCK)]
+    return Source(ray.data.from_arrow(tables), ids, "array", cpus)
+
+
+def holdout(source: Source, split: str, val_fraction: float, seed: int) -> Source:
+    """A fixed train/val split of a source without one: round(n * val_fraction) rows (at least 1) go to val."""
+    n = source.num_rows
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise ConfigError(f"data.val_fraction: {val_fraction} leaves no training images out of {n}")
+    return source.select(n_val, seed, keys.HOLDOUT, complement=split == "train")
+
+
+def split_source(cfg: Mapping[str, Any], split: str, cpus: float = 1.0) -> Source:
+    """The rows of split "train" or "val" of a validated `data:` config, capped by max_*_samples."""
+    if split not in SPLITS:
+        raise ConfigError(f"split: {split!r} is not allowed; allowed: {list(SPLITS)}")
+    name = cfg["name"]
+    if name == "digits":
+        from raynas.data.embedded import digits_source
+
+        source = holdout(digits_source(cpus), split, cfg["val_fraction"], cfg["split_seed"])
+    elif name == "synthetic":
+        from raynas.data.embedded import synthetic_source
+
+        source = synthetic_source(cfg, split, cpus)
+    elif name in ("cifar10", "cifar100"):
+        from raynas.data.cifar import cifar_source
+
+        source = cifar_source(cfg, split, cpus)
+    elif name == "imagefolder":
+        from raynas.data.imagefolder import imagefolder_source
+
+        source = imagefolder_source(cfg, split, cpus)
+    else:
+        from raynas.data.parquet import parquet_source
+
+        source = parquet_source(cfg, split, cpus)
+    cap = cfg["max_train_samples"] if split == "train" else cfg["max_val_samples"]
+    if cap is not None and cap < source.num_rows:
+        source = source.select(cap, cfg["split_seed"], keys.CAP)
+    if source.num_rows == 0:
+        raise ConfigError(f"data: the {split} split of dataset '{name}' has no images")
+    return source
