@@ -182,6 +182,8 @@ def test_worker_node_lost_mid_training_resumes_from_the_bucket(s3_server, s3_buc
         cluster.kill_node(first_node)
         out, _ = job.communicate(timeout=600)
         assert job.returncode == 0, out[-5000:]
+        # The node really was lost mid-run: the new worker group resumed from a stored checkpoint.
+        assert "resuming from" in out, out[-5000:]
     finally:
         cluster.stop()
 

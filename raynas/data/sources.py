@@ -49,17 +49,14 @@ def _keep(batch: dict[str, np.ndarray], threshold: int, salt: tuple[int, ...], c
 
 
 def from_arrays(images: np.ndarray, labels: np.ndarray, cpus: float, ids: np.ndarray | None = None) -> Source:
-    """Embedded N x C x H x W arrays as a Dataset, in blocks of a fixed size."""
-    import pyarrow as pa
+    """Embedded N x C x H x W arrays as a Dataset, in blocks of a fixed size. `from_items` builds the
+    blocks here, without Ray tasks: it works in an actor even when every CPU of the cluster is held."""
     import ray.data
-    from ray.data.extensions import ArrowTensorArray
 
     ids = np.arange(len(labels), dtype=np.int64) if ids is None else ids
-    tables = [pa.table({"image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[i:i + ROWS_PER_BLOCK])),
-                        "label": pa.array(labels[i:i + ROWS_PER_BLOCK].astype(np.int64)),
-                        "id": pa.array(ids[i:i + ROWS_PER_BLOCK])})
-              for i in range(0, max(len(labels), 1), ROWS_PER_BLOCK)]
-    return Source(ray.data.from_arrow(tables), ids, "array", cpus)
+    rows = [{"image": image, "label": int(label), "id": int(i)} for image, label, i in zip(images, labels, ids)]
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // ROWS_PER_BLOCK)))
+    return Source(dataset, ids, "array", cpus)
 
 
 def holdout(source: Source, split: str, val_fraction: float, seed: int) -> Source:

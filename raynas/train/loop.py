@@ -96,7 +96,7 @@ class WorkerRun:
         import ray.train
         import ray.train.torch
 
-        from raynas.space import load_space
+        from raynas.space import space_from_config
         from raynas.supernets import build_supernet
         from raynas.train.optim import build_scheduler, optimizer_factory
         from raynas.train.strategies import build_strategy
@@ -112,7 +112,7 @@ class WorkerRun:
 
         # Identical initial weights on every rank and for every world size.
         seed_everything(cfg["seed"])
-        self.space = load_space(cfg["space"], resolution=cfg["resolution"], num_classes=config["num_classes"])
+        self.space = space_from_config(config["space_config"])
         supernet = build_supernet(self.space, **cfg["supernet"])
         self.strategy = build_strategy(cfg["strategy"], self.space, cfg["seed"])
         self.module = self.strategy.prepare_model(supernet).to(self.device)
@@ -278,7 +278,7 @@ def _quiet_ray_train_reports() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker. `config`: {"cfg", "run_dir", "num_classes", "resume_dir",
+    """Entry point of each Ray Train worker. `config`: {"cfg", "run_dir", "space_config", "resume_dir",
     "plugins"}; the locations are local paths or URIs, read and written through raynas.storage."""
     from raynas.train.strategies import load_plugins
 

@@ -135,7 +135,8 @@ def build_trainer(plan: RunPlan, *, plugins: Sequence[str] = (), callbacks: Sequ
     storage_path, storage_filesystem = storage.filesystem_for_ray(cfg["storage_path"])
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "run_dir": plan.run_dir, "num_classes": plan.num_classes,
+        # The space travels as its declaration: a space file given on the driver need not exist on the workers.
+        train_loop_config={"cfg": cfg, "run_dir": plan.run_dir, "space_config": plan.space.config,
                            "resume_dir": plan.resume_dir, "plugins": list(plugins)},
         scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
                                      resources_per_worker=resources),
