@@ -114,6 +114,23 @@ def s3_bucket(s3_server):
     yield f"s3://{name}"
 
 
+@pytest.fixture
+def ray_s3(s3_server):
+    """The local Ray of the tests, its node started with the S3 server's variables in its environment (as
+    every node of a real cluster has them). Ray workers read the environment their node started with, so
+    one that an earlier test module started before `s3_server` existed is replaced."""
+    import ray
+
+    if ray.is_initialized():
+        @ray.remote(num_cpus=0)
+        def endpoint():
+            return os.environ.get("AWS_ENDPOINT_URL")
+
+        if ray.get(endpoint.remote()) != s3_server:
+            ray.shutdown()
+    return start_local_ray()
+
+
 @pytest.fixture(scope="session")
 def tiny_nb201_yaml(tmp_path_factory):
     """The NB201 cell space on a tiny skeleton (C=4, one cell per stage): a space YAML path for fast

@@ -201,23 +201,6 @@ def test_parquet_bytes_and_arrays(ray_local, tmp_path):
         eval_dataset({**cfg, "label_column": "pixels"}, "train", 8, 3)
 
 
-@pytest.fixture
-def ray_s3(s3_server):
-    """The local Ray with the S3 server's variables in its nodes' environment (Ray workers read the
-    environment their node started with; one started before `s3_server` existed is replaced)."""
-    import ray
-    from conftest import start_local_ray
-
-    if ray.is_initialized():
-        @ray.remote(num_cpus=0)
-        def endpoint():
-            return os.environ.get("AWS_ENDPOINT_URL")
-
-        if ray.get(endpoint.remote()) != s3_server:
-            ray.shutdown()
-    return start_local_ray()
-
-
 def test_parquet_and_imagefolder_read_from_object_storage(ray_s3, s3_bucket, tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (12, 3, 4, 4), dtype=np.uint8)

@@ -20,24 +20,6 @@ from raynas.train.trainer import train
 RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
 
-@pytest.fixture
-def ray_s3(s3_server):
-    """The local Ray of the tests, its node started with the S3 server's variables in its environment (as
-    every node of a real cluster has them). Ray workers read the environment their node started with, so
-    one that an earlier test module started before `s3_server` existed is replaced."""
-    import ray
-    from conftest import start_local_ray
-
-    if ray.is_initialized():
-        @ray.remote(num_cpus=0)
-        def endpoint():
-            return os.environ.get("AWS_ENDPOINT_URL")
-
-        if ray.get(endpoint.remote()) != s3_server:
-            ray.shutdown()
-    return start_local_ray()
-
-
 def _config(space_yaml, storage_path, name, epochs):
     # Constant learning rate: a 1-epoch run is exactly the first epoch of a 2-epoch one.
     return {

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import yaml
 from _biglittle_tiny import TINY
-from test_train_storage import ray_s3  # noqa: F401  (a Ray whose node reaches the S3 test server)
 
 from raynas import storage
 from raynas.cli import main as cli_main
