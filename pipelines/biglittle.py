@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from raynas.biglittle.deploy import export_pair, run_routed
     from raynas.biglittle.evaluate import eval_data
     from raynas.biglittle.search import load_model, run_pair_search
-    from raynas.config_utils import read_yaml
+    from raynas.config import read_yaml
     from raynas.pipeline.hw_nas import trained_supernet
     from raynas.space import Arch
     from raynas.train.config import load_train_config

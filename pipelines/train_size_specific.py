@@ -3,7 +3,7 @@
 
 Trains the chain's first supernet (autovit-s), initialises the smaller ones (autovit-xs, autovit-xxs)
 from it by weight inheritance and trains each. Thin on purpose: the library does the work
-(`raynas.train.inherit.train_size_specific`); re-running the same chain resumes it.
+(`raynas.train.chain.train_size_specific`); re-running the same chain resumes it.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import argparse
 import sys
 
 from raynas.errors import UserError
-from raynas.train.inherit import add_arguments, cmd_train_sizes
+from raynas.train.cli import add_train_arguments, cmd_train_sizes
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser, config_flag=True)
+    add_train_arguments(parser, config_flag=True)
     args = parser.parse_args(argv)
     try:
         return cmd_train_sizes(args)

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from raynas.cli_args import POSITIVE, SEED, ArgumentParser, integer, json_argument
 from raynas.errors import UserError
 
 # Each subcommand module registers itself here: name -> (add_arguments, run)
@@ -15,16 +16,7 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 
 def parse_arch(text: str, space) -> object:
     """An arch from inline JSON or from a file containing JSON, validated against `space`."""
-    from pathlib import Path
-
-    source = text
-    if not text.lstrip().startswith("{") and Path(text).is_file():
-        source = Path(text).read_text()
-    try:
-        value = json.loads(source)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--arch: not valid JSON ({exc.msg} at char {exc.pos})") from None
-    return space.validate(value)
+    return space.validate(json_argument(text, "--arch"))
 
 
 # ---- spaces ------------------------------------------------------------------------------------
@@ -45,8 +37,6 @@ def cmd_spaces_sample(args) -> None:
 
     from raynas.space import load_space
 
-    if args.n < 1:
-        raise UserError(f"-n: must be a positive integer, got {args.n}")
     space = load_space(args.space)
     rng = np.random.default_rng(args.seed)
     for _ in range(args.n):
@@ -91,34 +81,46 @@ def export_target(out: str) -> tuple[str, bool]:
     return location, directory
 
 
+def _export_supernet(args):
+    """The supernet `export` extracts from: the checkpoint's (as trained: classes, resolution, hypernet,
+    MoLE; a big/little pair's big member) or, without one, a fresh one of --space."""
+    from raynas.supernets.checkpoint import load_supernet
+
+    if not args.checkpoint:
+        return _space_and_supernet(args)[1]
+    from raynas.space import load_space
+
+    supernet = load_supernet(args.checkpoint, member=True)  # a big/little pair: its big member
+    # --space names a space; the checkpoint holds its whole (possibly edited) declaration, which wins.
+    wanted = load_space(args.space).name
+    if supernet.space.name != wanted:
+        raise UserError(f"--checkpoint: {args.checkpoint} was trained on space '{supernet.space.name}', "
+                        f"not '{wanted}'")
+    return supernet
+
+
 def cmd_export(args) -> None:
     import hashlib
 
     from raynas import storage
     from raynas.hw.onnx_export import export_onnx
-    from raynas.supernets.checkpoint import load_supernet_weights, read_checkpoint
 
-    if args.resolution is not None and args.resolution < 8:
-        raise UserError(f"--resolution: must be an integer >= 8, got {args.resolution}")
     out, out_is_dir = export_target(args.out)
     # Before loading anything: an unwritable --out fails now, not after the export.
     storage.check_writable(out if out_is_dir else storage.parent(out), "--out")
-    if args.checkpoint:
-        # The checkpoint decides num_classes (e.g. a digits-trained supernet has 10 classes).
-        args.num_classes = read_checkpoint(args.checkpoint)["num_classes"]
-    space, supernet = _space_and_supernet(args)
+    supernet = _export_supernet(args).eval()
+    space = supernet.space
     arch = parse_arch(args.arch, space)
-    if args.checkpoint:
-        load_supernet_weights(supernet, args.checkpoint)
-    subnet = supernet.eval().extract(arch)
+    resolution = args.resolution or space.resolution
+    subnet = supernet.extract(arch, resolution)
     if out_is_dir:
         out = storage.join(out, f"{space.name}-{hashlib.sha256(arch.to_json().encode()).hexdigest()[:12]}.onnx")
-    result = export_onnx(subnet, supernet.input_shape(1), out)
-    print(json.dumps({"space": space.name, "arch": arch.to_dict(), **result, **supernet.cost(arch)}))
+    result = export_onnx(subnet, supernet.input_shape(1, resolution), out)
+    print(json.dumps({"space": space.name, "arch": arch.to_dict(), **result, **supernet.cost(arch, resolution)}))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raynas", description=__doc__)
+    parser = ArgumentParser(prog="raynas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     spaces = sub.add_parser("spaces", help="list, show and sample search spaces")
@@ -131,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_spaces_show)
     p = spaces_sub.add_parser("sample", help="random archs, one JSON object per line")
     p.add_argument("space")
-    p.add_argument("-n", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=POSITIVE, default=1)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_spaces_sample)
 
     arch = sub.add_parser("arch", help="inspect one architecture")
@@ -140,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = arch_sub.add_parser("cost", help="exact params and MACs")
     p.add_argument("--space", required=True)
     p.add_argument("--arch", required=True, help="JSON object or a file holding one")
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--resolution", type=int)
+    p.add_argument("--num-classes", type=POSITIVE)
+    p.add_argument("--resolution", type=integer(8))
     p.set_defaults(func=cmd_arch_cost)
 
     p = sub.add_parser("export", help="extract a subnet and write it as verified ONNX")
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .onnx file, or a directory (a local path or a URI such as "
                    "s3://bucket/prefix) that receives <space>-<arch digest>.onnx")
     p.add_argument("--checkpoint", help="supernet checkpoint (a local path or a URI)")
-    p.add_argument("--resolution", type=int)
+    p.add_argument("--resolution", type=integer(8))
     p.set_defaults(func=cmd_export, num_classes=None)
 
     for register in _extension_commands():
@@ -177,8 +179,8 @@ def _extension_commands() -> list[Callable]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)  # a bad argument is a UserError too (raynas.cli_args)
         result = args.func(args)
     except UserError as exc:
         print(f"raynas: error: {exc}", file=sys.stderr)

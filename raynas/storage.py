@@ -41,6 +41,11 @@ class StorageError(UserError):
     """A location that cannot be read or written; the message names it."""
 
 
+class CorruptFile(StorageError):
+    """A file that was read whole but is not what its reader expects: torn (cut short by a writer killed
+    before writes were atomic) or foreign. A run that owns the file may set it aside and redo it."""
+
+
 def is_uri(location: str | os.PathLike) -> bool:
     """True for `scheme://...` (other than a Windows drive letter); False for a plain local path."""
     scheme = urlsplit(str(location)).scheme
@@ -203,14 +208,14 @@ def read_text(location: str | os.PathLike, what: str = "file") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise StorageError(f"{what}: {display(location)} is not UTF-8 text") from None
+        raise CorruptFile(f"{what}: {display(location)} is not UTF-8 text") from None
 
 
 def read_json(location: str | os.PathLike, what: str = "file") -> Any:
     try:
         return json.loads(read_text(location, what))
     except ValueError:
-        raise StorageError(f"{what}: {display(location)} is not valid JSON") from None
+        raise CorruptFile(f"{what}: {display(location)} is not valid JSON") from None
 
 
 def read_table(location: str | os.PathLike, what: str = "table", columns: list[str] | None = None) -> pa.Table:
@@ -219,7 +224,7 @@ def read_table(location: str | os.PathLike, what: str = "table", columns: list[s
     try:
         return pq.read_table(pa.BufferReader(data), columns=columns)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise StorageError(f"{what}: {display(location)} is not a readable Parquet file ({_reason(exc)})") from None
+        raise CorruptFile(f"{what}: {display(location)} is not a readable Parquet file ({_reason(exc)})") from None
 
 
 def read_pandas(location: str | os.PathLike, what: str = "table"):
@@ -309,6 +314,19 @@ def delete(location: str | os.PathLike) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def set_aside(location: str | os.PathLike) -> str:
+    """Move a corrupt file out of the way (to `<name>.torn-<id>`, which no reader picks up by its suffix)
+    so that the run redoes it; the bytes stay for inspection. Returns the new location."""
+    location = str(location)
+    fs, path = resolve(location)
+    target = f"{location}.torn-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.move(path, resolve(target)[1])
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StorageError(f"location: cannot move {display(location)} aside ({_reason(exc)})") from None
+    return target
 
 
 def check_writable(location: str | os.PathLike, what: str = "location") -> str:

@@ -313,7 +313,7 @@ def test_evaluation_subset_is_fixed_by_its_seed(ray_local):
 # ---- config errors --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg, field", [
     ({"name": "mnist"}, "data.name"),
-    ({"name": "digits", "root": "x"}, "data: unknown field 'root'"),
+    ({"name": "digits", "root": "x"}, "data.root: unknown field"),
     ({"batch_size": 0}, "data.batch_size"),
     ({"val_fraction": 1.5}, "data.val_fraction"),
     ({"augment": "mixup"}, "data.augment"),

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 import yaml
 
 from raynas.errors import ConfigError
-from raynas.nn.hyper import attach_hypernet, find_hypernet
 from raynas.space import load_space, space_from_config
 from raynas.supernets import build_supernet
 from raynas.supernets.checkpoint import read_checkpoint
+from raynas.supernets.hypernet import attach_hypernet, find_hypernet
 from raynas.train.focusfair import (
     focus_fair_columns,
     focus_fair_order,

@@ -9,15 +9,11 @@ import torch
 
 from raynas.errors import ConfigError
 from raynas.hw.onnx_export import export_onnx
-from raynas.nn.hyper import (
-    KshotHypernet,
-    attach_hypernet,
-    find_hypernet,
-    validate_hypernet_config,
-)
+from raynas.nn.hyper import validate_hypernet_config
 from raynas.space import space_from_config
 from raynas.supernets import build_supernet
 from raynas.supernets.checkpoint import load_supernet, read_checkpoint, save_supernet
+from raynas.supernets.hypernet import KshotHypernet, attach_hypernet, find_hypernet
 
 NB201 = {"name": "nb201-hyper-test", "family": "nb201", "resolution": 8, "num_classes": 5, "in_channels": 3,
          "channels": [6, 12], "cells_per_stage": 1, "nodes": 4,

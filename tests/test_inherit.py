@@ -12,13 +12,8 @@ from raynas.errors import ConfigError
 from raynas.space import load_space
 from raynas.supernets import build_supernet
 from raynas.supernets.checkpoint import load_supernet, save_supernet
-from raynas.train.inherit import (
-    InheritStrategy,
-    inherit_from_checkpoint,
-    load_chain_config,
-    plan_size_specific,
-    train_size_specific,
-)
+from raynas.train.chain import load_chain_config, plan_size_specific, train_size_specific
+from raynas.train.inherit import InheritStrategy, inherit_from_checkpoint
 
 # Three tiny AutoViT spaces with one layout (like autovit-s / -xs / -xxs): XS is a sub-space of S, so
 # every XS subnet also exists in S; XXS is narrower and only shares prefixes.

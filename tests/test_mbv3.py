@@ -250,11 +250,11 @@ def test_training_step_touches_only_the_active_slices():
     loss = torch.nn.functional.cross_entropy(net(torch.randn(4, 3, 32, 32), arch), torch.tensor([0, 1, 2, 3]))
     loss.backward()
     block = net.stages[2][0]
-    dw = block.dw_conv.weight.grad
+    dw = block.depthwise.conv.weight.grad
     hidden = net.plan(arch).blocks[2].hidden
     assert dw[:hidden, :, 2:5, 2:5].abs().sum() > 0  # the centre 3x3 of the 7x7 kernel
     assert dw[hidden:].abs().sum() == 0 and dw[:, :, 0].abs().sum() == 0
-    assert net.stages[2][1].dw_conv.weight.grad is None  # beyond depth 1: not run
+    assert net.stages[2][1].depthwise.conv.weight.grad is None  # beyond depth 1: not run
 
 
 def test_expansion_one_keeps_the_shared_expand_conv():
@@ -272,6 +272,6 @@ def test_expansion_one_keeps_the_shared_expand_conv():
     assert isinstance(expand, torch.nn.Sequential) and expand[0].weight.shape[:2] == (plan.blocks[0].in_ch,) * 2
     # Gradients of an expansion-1 step reach the expand conv's square top-left slice only.
     net.train()(torch.randn(2, 3, 32, 32), arch).sum().backward()
-    grad = net.stages[0][0].expand_conv.weight.grad
+    grad = net.stages[0][0].expand.conv.weight.grad
     c = plan.blocks[0].in_ch
     assert grad[:c, :c].abs().sum() > 0 and grad[c:].abs().sum() == 0

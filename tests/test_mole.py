@@ -10,18 +10,12 @@ import yaml
 
 from raynas import storage
 from raynas.errors import ConfigError
-from raynas.nn.lora import (
-    BLOCK_TARGETS,
-    LSTMRouter,
-    MoLELinear,
-    attach_mole,
-    load_mole_supernet,
-    mole_kwargs,
-)
+from raynas.nn.lora import BLOCK_TARGETS, LSTMRouter, MoLELinear
 from raynas.space import load_space
-from raynas.supernets import build_supernet
-from raynas.supernets.checkpoint import save_supernet
+from raynas.supernets import build_supernet, supernet_kwargs
+from raynas.supernets.checkpoint import load_supernet, save_supernet
 from raynas.supernets.counting import count_cost
+from raynas.supernets.mole import attach_mole
 from raynas.train.mole import MoLEStrategy
 from raynas.train.strategies.base import StepContext
 
@@ -181,7 +175,7 @@ def test_options_are_validated(space_path, pretrained, tmp_path):
         MoLEStrategy.validate_options({"init_from": str(tmp_path / "nope.pt")})
     with pytest.raises(ConfigError, match="router_init"):
         MoLEStrategy.validate_options({"init_from": str(path), "router_init": "fancy"})
-    with pytest.raises(ConfigError, match="unknown field 'experts'"):
+    with pytest.raises(ConfigError, match="experts: unknown field"):
         MoLEStrategy.validate_options({"init_from": str(path), "experts": 3})
     nb201 = save_supernet(build_supernet(load_space("nb201", resolution=32, num_classes=10)), tmp_path / "nb.pt")
     with pytest.raises(ConfigError, match="'nb201' supernet"):
@@ -204,10 +198,10 @@ def test_checkpoint_round_trip_keeps_experts_and_router(space_path, tmp_path):
     with torch.no_grad():
         ref = mole(x, arch)
     # with the build kwargs stored (what the core's save should write) and with only the state dict
-    with_kwargs = save_supernet(mole, tmp_path / "a.pt", extra={"supernet_kwargs": mole_kwargs(mole)})
+    with_kwargs = save_supernet(mole, tmp_path / "a.pt", extra={"supernet_kwargs": supernet_kwargs(mole)})
     bare = save_supernet(mole, tmp_path / "b.pt")
     for path in (with_kwargs, bare):
-        loaded = load_mole_supernet(path)
+        loaded = load_supernet(path)
         assert loaded.config == mole.config and loaded.num_experts == mole.num_experts
         for (n, a), (m, b) in zip(mole.state_dict().items(), loaded.state_dict().items()):
             assert n == m and (a == b if n == "_extra_state" else torch.equal(a, b)), n
@@ -241,7 +235,7 @@ def test_mole_run_on_ray_train_with_two_workers(ray_local, space_path, pretraine
     assert rows["router_frozen"].tolist() == [1.0, 0.0]  # one warm-up epoch with the router frozen
     assert rows[["teacher_acc", "min_acc", "max_acc", "random_acc"]].notna().all().all()
 
-    trained = load_mole_supernet(result.supernet_path)
+    trained = load_supernet(result.supernet_path)
     fresh = attach_mole(copy.deepcopy(base), trained.config)
     for (n, p), (_, q) in zip(trained.supernet.named_parameters(), fresh.supernet.named_parameters()):
         if n.endswith("lora_b"):
@@ -255,7 +249,7 @@ def test_mole_run_on_ray_train_with_two_workers(ray_local, space_path, pretraine
         for arch in _archs(trained.space, n=2):
             assert torch.allclose(trained.extract(arch)(x), trained(x, arch), atol=1e-5, rtol=0)
     # every epoch checkpoint holds the MoLE parts too
-    epoch_ckpt = load_mole_supernet(storage.join(result.checkpoint_dir, "supernet.pt"))
+    epoch_ckpt = load_supernet(storage.join(result.checkpoint_dir, "supernet.pt"))
     assert torch.equal(epoch_ckpt.router.block_bias, trained.router.block_bias)
 
 

@@ -93,7 +93,7 @@ def test_yaml_reproduces_table5(space):
 
 def test_block_variants_match_table5_counts(net):
     """Distinct LUT keys per row of Table 5 equal its "#n" column (8, 96, 16, 96, 16, 24, 96, 96, 24, 96)."""
-    variants = net.block_variants()
+    variants = net.piece_variants()
     per_kind = {}
     for key in variants:
         kind = key.split("|")[0]
@@ -111,7 +111,7 @@ def test_block_variants_match_table5_counts(net):
 
 
 def test_every_subnet_key_is_a_variant(net, space):
-    variants = net.block_variants()
+    variants = net.piece_variants()
     rng = np.random.default_rng(0)
     for arch in [space.min_arch(), space.max_arch()] + [space.sample(rng) for _ in range(20)]:
         keys = [p.key for p in net._pieces(arch.to_dict(), (224, 224))]

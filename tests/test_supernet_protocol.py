@@ -10,7 +10,7 @@ import torch
 from raynas.hw.onnx_export import export_onnx
 from raynas.space import builtin_space_names, load_space
 from raynas.supernets import build_supernet
-from raynas.supernets.checkpoint import load_supernet_weights, save_supernet
+from raynas.supernets.checkpoint import load_supernet, save_supernet
 from raynas.supernets.counting import count_cost
 
 TEST_RESOLUTION = 32
@@ -83,8 +83,7 @@ def test_onnx_runs_batches_in_onnxruntime(supernet, tmp_path):
 
 def test_checkpoint_round_trip(supernet, tmp_path):
     path = save_supernet(supernet, tmp_path / "supernet.pt")
-    fresh = build_supernet(supernet.space).eval()
-    load_supernet_weights(fresh, path)
+    fresh = load_supernet(path)
     x = torch.randn(2, *supernet.input_shape()[1:])
     arch = supernet.space.sample(np.random.default_rng(5))
     with torch.no_grad():

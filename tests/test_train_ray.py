@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from raynas import storage
-from raynas.space import load_space
-from raynas.supernets import build_supernet
-from raynas.supernets.checkpoint import load_supernet_weights
+from raynas.supernets.checkpoint import load_supernet
 from raynas.train.strategies import register_strategy
 from raynas.train.strategies.uniform import UniformStrategy
 from raynas.train.trainer import train
@@ -58,8 +56,7 @@ def test_strategy_trains_through_ray_train_with_two_workers(strategy, ray_local,
     assert {"meta.json", "supernet.pt", "train_state.pt", "rng_rank0.pt", "rng_rank1.pt"} <= files
     state = storage.load_torch(storage.join(result.checkpoint_dir, "train_state.pt"))
     assert state["epoch"] == 1 and state["global_step"] == 2 and state["optimizers"]["main"]["state"]
-    fresh = build_supernet(load_space(tiny_nb201_yaml))
-    load_supernet_weights(fresh, result.supernet_path)
+    fresh = load_supernet(result.supernet_path)
     trained = torch.load(result.supernet_path, weights_only=True)["model"]
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
 

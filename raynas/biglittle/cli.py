@@ -2,7 +2,7 @@
 
   raynas train pipelines/configs/biglittle_digits.yaml            co-train (strategy 'biglittle')
   raynas biglittle evaluate --checkpoint C --data digits           metrics and the tau curve of a pair
-  raynas biglittle search pipelines/configs/biglittle_search.yaml NSGA-II over pairs
+  raynas biglittle search pipelines/configs/biglittle_search.yaml multi-objective search over pairs
   raynas biglittle export --checkpoint C --out DIR --tau 0.8       ONNX big / little / router (+ trunk)
   raynas biglittle run --models DIR --data digits                  routed pair per input in onnxruntime
 """
@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from raynas.cli_args import POSITIVE, integer, json_argument, number, number_list
 from raynas.errors import UserError
 
 
 def parse_data(text: str) -> dict[str, Any]:
     """`--data`: a dataset name (digits, synthetic), a JSON object, or a YAML file with a data section."""
-    from raynas.config_utils import read_yaml
+    from raynas.config import read_yaml
     from raynas.data import validate_data_config
 
     text = text.strip()
@@ -48,13 +49,12 @@ def parse_pair(text: str | None, model) -> Any:
         front = storage.read_pandas(path + ".parquet", "--pair")
         if front.empty:
             raise UserError(f"--pair: {path}.parquet holds no pairs")
-        row = front.iloc[int(index.lstrip(":"))] if index else front.sort_values("accuracy").iloc[-1]
+        member = index.lstrip(":")
+        if member and not (member.isdigit() and int(member) < len(front)):
+            raise UserError(f"--pair: front member {member!r} is not allowed; allowed: 0 to {len(front) - 1}")
+        row = front.iloc[int(member)] if member else front.sort_values("accuracy").iloc[-1]
         return ps.validate(json.loads(row["arch"]))
-    source = Path(text).read_text() if not text.lstrip().startswith("{") and Path(text).is_file() else text
-    try:
-        return ps.validate(json.loads(source))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--pair: not valid JSON ({exc.msg})") from None
+    return ps.validate(json_argument(text, "--pair"))
 
 
 def _model_and_data(args):
@@ -88,7 +88,7 @@ def cmd_evaluate(args) -> None:
     fitted = _fit_router_if_asked(args, model, pair, data)
     pred = predict_pair(model, pair, data)
     costs = PairCostModel(model).costs(pair)
-    taus = [float(t) for t in args.taus.split(",")] if args.taus else default_taus(pred, 11)
+    taus = args.taus or default_taus(pred, 11)
     print(json.dumps({"pair": pair.to_dict(), "coupling": model.coupling, "router": model.router.name,
                       **fitted, "at_tau": evaluate_routing(pred, args.tau, costs),
                       "curve": tau_curve(pred, taus, costs)}))
@@ -96,20 +96,19 @@ def cmd_evaluate(args) -> None:
 
 def cmd_search(args) -> None:
     from raynas.biglittle.search import run_pair_search
-    from raynas.config_utils import read_yaml
+    from raynas.config import apply_overrides, read_yaml
 
-    cfg = read_yaml(args.config)
-    if args.checkpoint:
-        cfg["checkpoint"] = args.checkpoint
-    if args.run_dir:
-        cfg["run_dir"] = args.run_dir
+    cfg = apply_overrides(read_yaml(args.config), {"checkpoint": args.checkpoint, "run_dir": args.run_dir})
     print(json.dumps(run_pair_search(cfg, resume=args.resume)))
 
 
 def cmd_export(args) -> None:
     from raynas import storage
     from raynas.biglittle.deploy import export_pair
+    from raynas.config import choice
+    from raynas.hw.latency import MODEL_KINDS
 
+    choice(args.latency_model, "--latency-model", MODEL_KINDS)
     storage.check_writable(args.out, "--out")  # before loading anything
     model, data = _model_and_data(args)
     pair = parse_pair(args.pair, model)
@@ -130,10 +129,6 @@ def cmd_export(args) -> None:
 def cmd_run(args) -> None:
     from raynas.biglittle.deploy import run_routed
 
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit: expected a positive integer, got {args.limit}")
-    if args.tau is not None and not 0 <= args.tau <= 1:
-        raise UserError(f"--tau: expected a number in [0, 1], got {args.tau}")
     print(json.dumps(run_routed(args.models, parse_data(args.data), split=args.split, limit=args.limit,
                                 threads=args.threads, tau=args.tau, references=not args.no_references)))
 
@@ -144,11 +139,11 @@ def _checkpoint_args(p) -> None:
     p.add_argument("--data", default="digits", help="dataset name, JSON object or YAML with a data section")
     p.add_argument("--pair", default="extreme",
                    help="'extreme', pair JSON (or a file), or a search's front.parquet[:i]")
-    p.add_argument("--tau", type=float, default=0.8, help="routing threshold: little iff score >= tau")
+    p.add_argument("--tau", type=number(0, 1), default=0.8, help="routing threshold: little iff score >= tau")
     p.add_argument("--router", default="checkpoint", choices=["checkpoint", "confidence"],
                    help="the co-trained router, or the confidence cascade in its place")
-    p.add_argument("--bn-samples", type=int, default=512, dest="bn_samples")
-    p.add_argument("--fit-router", type=int, default=0, metavar="EPOCHS", dest="fit_router",
+    p.add_argument("--bn-samples", type=POSITIVE, default=512, dest="bn_samples")
+    p.add_argument("--fit-router", type=integer(0), default=0, metavar="EPOCHS", dest="fit_router",
                    help="first fit the pre-router to this pair on the training images (supernet frozen)")
 
 
@@ -158,7 +153,9 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("evaluate", help="routing metrics of one pair and its accuracy-vs-E[cost] curve over tau")
     _checkpoint_args(p)
-    p.add_argument("--taus", help="comma-separated thresholds (default: quantiles of the router scores)")
+    # No upper bound: a threshold above every router score is meaningful (every input goes to the big model).
+    p.add_argument("--taus", type=number_list(0),
+                   help="comma-separated thresholds >= 0 (default: quantiles of the router scores)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("search", help="NSGA-II over (big, little[, split]) pairs on Ray actors")
@@ -173,7 +170,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="directory (a local path or a URI) for the ONNX files and "
                    "manifest.json")
     p.add_argument("--lut", help="latency LUT (raynas profile; a local path or a URI) to predict piece latencies")
-    p.add_argument("--latency-model", default="lut", dest="latency_model", choices=["lut", "linear", "flops", "params"])
+    p.add_argument("--latency-model", default="lut", dest="latency_model",
+                   help="a latency model kind of raynas.hw.latency (lut, linear, flops, params)")
     p.add_argument("--device", default="local-cpu", help="device whose protocol times the pieces")
     p.add_argument("--no-measure", action="store_true", dest="no_measure", help="skip timing the pieces")
     p.set_defaults(func=cmd_export)
@@ -183,9 +181,9 @@ def register(subparsers) -> None:
                    "export`")
     p.add_argument("--data", default="digits", help="dataset name, JSON object or YAML with a data section")
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--limit", type=int, help="first N inputs only")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    p.add_argument("--tau", type=float, help="override the exported threshold")
+    p.add_argument("--limit", type=POSITIVE, help="first N inputs only")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--tau", type=number(0, 1), help="override the exported threshold")
     p.add_argument("--no-references", action="store_true", dest="no_references",
                    help="skip timing always-little / always-big on the same inputs")
     p.set_defaults(func=cmd_run)

@@ -125,9 +125,11 @@ class PieceLatency:
     def __init__(self, model: Any):
         self.model = model
         self.kind = getattr(model, "kind", None)
-        if self.kind not in ("lut", "linear", "flops", "params"):
+        from raynas.hw.latency import MODEL_KINDS
+
+        if self.kind not in MODEL_KINDS:
             raise UserError(f"latency model: kind {self.kind!r} cannot price pieces of a pair; "
-                            "use one of lut, linear, flops, params")
+                            f"allowed: {list(MODEL_KINDS)}")
         calibration = getattr(model, "calibration", None)
         self.slope = float(calibration.slope) if calibration is not None else 1.0
         self.call_ms = float(calibration.intercept) if calibration is not None else 0.0

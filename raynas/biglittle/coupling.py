@@ -34,10 +34,9 @@ from raynas.biglittle.pairspace import PairSpace, build_pair_space, is_pair
 from raynas.biglittle.routers import PRE, Router, build_router
 from raynas.errors import ConfigError
 from raynas.space import Arch, SearchSpace
-from raynas.supernets.base import Block, Supernet
-from raynas.supernets.checkpoint import COUPLED_MARKER
+from raynas.supernets.base import Block, Composite, Supernet
 
-CONFIG_BUFFER = COUPLED_MARKER
+CONFIG_BUFFER = "biglittle_config"
 FORMAT = "raynas-biglittle/1"
 
 
@@ -99,8 +98,10 @@ def _sequential(blocks: list[Block], prefix: nn.Module | None = None) -> nn.Sequ
     return nn.Sequential(*modules)
 
 
-class CoupledSupernet(nn.Module):
+class CoupledSupernet(nn.Module, Composite):
     """Big and little supernets (one shared in `nested`) plus a router; see the module docstring."""
+
+    description = "a big/little pair (load it with `raynas biglittle`)"
 
     def __init__(self, space: SearchSpace, coupling: str = "nested", splits: list[int] | None = None,
                  router: str = "learned", router_hidden: int = 32, supernet_kwargs: Mapping[str, Any] | None = None,
@@ -120,6 +121,10 @@ class CoupledSupernet(nn.Module):
         blob = json.dumps({"format": FORMAT, **self.config}).encode()
         self.register_buffer(CONFIG_BUFFER, torch.tensor(list(blob), dtype=torch.uint8))
         self.detach_router_input = True  # router gradients stay out of the shared trunk (strategy option)
+
+    def deployable(self) -> Supernet:
+        """What `raynas export` writes subnets of: the big member (a pair is exported by `raynas biglittle`)."""
+        return self.big_net
 
     # ---- structure ---------------------------------------------------------------------------
     @property

@@ -79,8 +79,26 @@ def export_pair(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData,
     out = storage.normalize(out_dir)
     pair = model.pair_space.validate(pair)
     validation = evaluate_routing(predict_pair(model, pair, data), tau)
-    pieces, router = deployable_pieces(model, pair, data)
     input_shape = tuple(model.big_net.input_shape(1))
+    files, shapes, checks, router_input = _export_pieces(*deployable_pieces(model, pair, data), input_shape, out)
+    costs = PairCostModel(model, latency).costs(pair)
+    piece_ms = _measure_pieces(out, files, shapes, measure_device, devices_file) if measure_device else {}
+    manifest = {
+        "format": FORMAT, "coupling": model.coupling, "space": model.space.name,
+        "pair": pair.to_dict(), "router": {**model.router.describe(), "tau": float(tau), "input": router_input},
+        "input_shape": list(input_shape), "num_classes": model.num_classes, "files": files, "shapes": shapes,
+        "onnx_max_abs_diff": checks, "costs": _costs_dict(costs),
+        "latency_model": latency.kind if latency is not None else None,
+        "piece_ms": piece_ms, "measured_on": measure_device,
+        "validation": validation,
+    }
+    storage.write_json(storage.join(out, MANIFEST), manifest)
+    return manifest
+
+
+def _export_pieces(pieces, router, input_shape: tuple[int, ...], out: str):
+    """Each piece as verified ONNX in `out`: (file names, input shapes, max abs diffs vs PyTorch, what the
+    router reads: 'trunk', 'image' or None)."""
     files: dict[str, str | None] = {"trunk": None, "little": "little.onnx", "big": "big.onnx", "router": None}
     shapes: dict[str, list[int]] = {}
     checks: dict[str, float] = {}
@@ -105,29 +123,19 @@ def export_pair(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData,
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             checks["router"] = _export(router_module, router_shape, storage.join(out, "router.onnx"))
         shapes["router"] = list(router_shape)
+    return files, shapes, checks, router_input
 
-    costs = PairCostModel(model, latency).costs(pair)
-    piece_ms: dict[str, float] = {}
-    if measure_device:
-        from raynas.hw.devices import get_device
-        from raynas.hw.measure import measure_onnx
 
-        spec = get_device(measure_device, devices_file)
-        for which, name in files.items():
-            if name is not None:
-                model_bytes = storage.read_bytes(storage.join(out, name), "onnx")
-                piece_ms[which] = measure_onnx(model_bytes, tuple(shapes[which]), spec).median_ms
-    manifest = {
-        "format": FORMAT, "coupling": model.coupling, "space": model.space.name,
-        "pair": pair.to_dict(), "router": {**model.router.describe(), "tau": float(tau), "input": router_input},
-        "input_shape": list(input_shape), "num_classes": model.num_classes, "files": files, "shapes": shapes,
-        "onnx_max_abs_diff": checks, "costs": _costs_dict(costs),
-        "latency_model": latency.kind if latency is not None else None,
-        "piece_ms": piece_ms, "measured_on": measure_device,
-        "validation": validation,
-    }
-    storage.write_json(storage.join(out, MANIFEST), manifest)
-    return manifest
+def _measure_pieces(out: str, files: Mapping[str, str | None], shapes: Mapping[str, list[int]], device: str,
+                    devices_file: str | None) -> dict[str, float]:
+    """Median milliseconds of each exported piece on this node, under the device's protocol."""
+    from raynas.hw.devices import get_device
+    from raynas.hw.measure import measure_onnx
+
+    spec = get_device(device, devices_file)
+    return {which: measure_onnx(storage.read_bytes(storage.join(out, name), "onnx"), tuple(shapes[which]),
+                                spec).median_ms
+            for which, name in files.items() if name is not None}
 
 
 def read_manifest(models_dir: str | os.PathLike) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -160,9 +159,3 @@ def fit_router(model: CoupledSupernet, pair: Mapping[str, Any], data: EvalData, 
         acc = float(((logit > 0).float() == target).float().mean())
     return {"router_fit_loss": loss, "router_fit_acc": acc, "oracle_little_share": float(target.mean())}
 
-
-def predictions_to_numpy(pred: PairPredictions) -> dict[str, np.ndarray]:
-    out = {"labels": pred.labels, "big_logits": pred.big_logits, "little_logits": pred.little_logits}
-    if pred.router_score is not None:
-        out["router_score"] = pred.router_score
-    return out

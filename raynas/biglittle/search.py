@@ -1,6 +1,7 @@
-"""NSGA-II over (big, little[, split]) pairs: objectives accuracy and E[latency] on one device, constraint
-on the peak latency. The search issue's machinery runs it unchanged: `NSGA2Search` over the pair space's
-integer encoding, `ActorPool` of evaluator actors (dead ones replaced), `run_search` and `ResultStore`.
+"""Search over (big, little[, split]) pairs (NSGA-II by default): objectives accuracy and E[latency] on one
+device, constraint on the peak latency. `raynas search`'s machinery runs it unchanged
+(`raynas.search.runner.search_front`): any registered algorithm over the pair space, an `ActorPool` of
+evaluator actors (dead ones replaced), `run_search` and `ResultStore`.
 
 An evaluator actor holds the coupled supernet and scores a pair: both models BN-recalibrated, routed at
 `tau` by the checkpoint's router on the validation set -> accuracy, routing ratio, oracle gap, ECE. The
@@ -12,25 +13,24 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
 import ray
 import torch
 import yaml
 
+from raynas import config as c
 from raynas import storage
 from raynas.biglittle.costs import PairCostModel, PieceLatency, calibrated_proxy_latency
 from raynas.biglittle.coupling import load_coupled
-from raynas.config_utils import check_known, one_of, positive_float, positive_int, section
-from raynas.errors import ConfigError
+from raynas.search.runner import log
 from raynas.space import Arch
 
 OBJECTIVES = ("accuracy", "e_latency_ms", "e_macs", "e_macs_deployed", "peak_latency_ms", "memory_bytes")
+CALIBRATED_HERE = "flops"  # the latency model that needs no LUT: calibrated on this node (`latency_for`)
 DEFAULTS = {
     "checkpoint": None,
     "run_dir": "runs/biglittle_search",
@@ -41,50 +41,39 @@ DEFAULTS = {
     "evaluator": {"num_actors": 2, "bn_samples": 512, "batch_size": 256, "threads": 1},
     # model: a latency model of raynas.hw over `lut` (its calibration next to it); without a LUT the
     # flops proxy is calibrated here by timing `calibration_subnets` random subnets on this node
-    "latency": {"model": "flops", "lut": None, "device": "local-cpu", "devices_file": None,
+    "latency": {"model": CALIBRATED_HERE, "lut": None, "device": "local-cpu", "devices_file": None,
                 "calibration_subnets": 6},
     "search": {"algorithm": "nsga2", "budget": 60, "seed": 0, "objectives": ["accuracy", "e_latency_ms"],
                "params": {}},
     "constraints": {"max_peak_latency_ms": None},
 }
-ALGORITHM_PARAMS = ("population", "crossover_prob", "crossover_eta", "mutation_eta")
 
 
 def validate_pair_search_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    check_known(cfg, DEFAULTS, "config")
-    out: dict[str, Any] = {"checkpoint": cfg.get("checkpoint"), "run_dir": cfg.get("run_dir", DEFAULTS["run_dir"]),
-                           "data": dict(cfg.get("data") or DEFAULTS["data"])}
-    if not isinstance(out["checkpoint"], str) or not out["checkpoint"]:
-        raise ConfigError("checkpoint: required (a coupled supernet trained with strategy 'biglittle')")
-    if not isinstance(out["run_dir"], str) or not out["run_dir"]:
-        raise ConfigError(f"run_dir: expected a directory path or URI (s3://bucket/prefix), got {out['run_dir']!r}")
+    from raynas.data import validate_data_config
+    from raynas.search.config import latency_section, search_section
+
+    cfg = c.mapping(cfg, "config")
+    c.check_known(cfg, DEFAULTS, "config")
+    if cfg.get("checkpoint") is None:
+        c.fail("checkpoint", "missing", "a coupled supernet trained with strategy 'biglittle'")
     # Locations are made absolute here: the config is stored with the run and read by other nodes.
-    out["checkpoint"], out["run_dir"] = storage.normalize(out["checkpoint"]), storage.normalize(out["run_dir"])
-    tau = cfg.get("tau", DEFAULTS["tau"])
-    if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 <= tau <= 1):
-        raise ConfigError(f"tau: expected a number in [0, 1], got {tau!r}")
-    out["tau"] = float(tau)
-    out["router"] = one_of(cfg.get("router", DEFAULTS["router"]), ("checkpoint", "confidence"), "router")
-    ev = out["evaluator"] = section(cfg, "evaluator", DEFAULTS["evaluator"])
+    out: dict[str, Any] = {"checkpoint": c.location(cfg["checkpoint"], "checkpoint"),
+                           "run_dir": c.location(cfg.get("run_dir", DEFAULTS["run_dir"]), "run_dir"),
+                           "data": validate_data_config(cfg.get("data") or DEFAULTS["data"])}
+    out["tau"] = c.number(cfg.get("tau", DEFAULTS["tau"]), "tau", 0.0, 1.0)
+    out["router"] = c.choice(cfg.get("router", DEFAULTS["router"]), "router", ("checkpoint", "confidence"))
+    ev = out["evaluator"] = c.section(cfg, "evaluator", DEFAULTS["evaluator"])
     for key in ev:
-        positive_int(ev[key], f"evaluator.{key}")
-    lat = out["latency"] = section(cfg, "latency", DEFAULTS["latency"])
-    one_of(lat["model"], ("lut", "linear", "flops", "params"), "latency.model")
-    if lat["model"] in ("lut", "linear") and not lat["lut"]:
-        raise ConfigError(f"latency.lut: required for latency.model '{lat['model']}' (build one with raynas profile)")
-    positive_int(lat["calibration_subnets"], "latency.calibration_subnets", minimum=2)
-    s = out["search"] = section(cfg, "search", DEFAULTS["search"])
-    one_of(s["algorithm"], ("nsga2", "random"), "search.algorithm")
-    positive_int(s["budget"], "search.budget")
-    positive_int(s["seed"], "search.seed", minimum=0)
-    if not (isinstance(s["objectives"], list) and s["objectives"] and s["objectives"][0] == "accuracy"):
-        raise ConfigError(f"search.objectives: a list starting with 'accuracy', then any of {list(OBJECTIVES[1:])}")
-    for i, o in enumerate(s["objectives"]):
-        one_of(o, OBJECTIVES, f"search.objectives[{i}]")
-    check_known(s["params"] or {}, ALGORITHM_PARAMS if s["algorithm"] == "nsga2" else ("batch_size",),
-                "search.params")
-    c = out["constraints"] = section(cfg, "constraints", DEFAULTS["constraints"])
-    positive_float(c["max_peak_latency_ms"], "constraints.max_peak_latency_ms", optional=True)
+        c.integer(ev[key], f"evaluator.{key}", 1)
+    lat = out["latency"] = latency_section(cfg, DEFAULTS["latency"])
+    if lat["model"] != CALIBRATED_HERE and not lat["lut"]:
+        c.fail("latency.lut", f"missing for latency.model '{lat['model']}'",
+               f"a LUT built with raynas profile, or latency.model '{CALIBRATED_HERE}' without one")
+    c.integer(lat["calibration_subnets"], "latency.calibration_subnets", 2)
+    out["search"] = search_section(cfg, DEFAULTS["search"], OBJECTIVES)
+    cons = out["constraints"] = c.section(cfg, "constraints", DEFAULTS["constraints"])
+    c.number(cons["max_peak_latency_ms"], "constraints.max_peak_latency_ms", 0.0, low_open=True, optional=True)
     return out
 
 
@@ -163,11 +152,9 @@ def latency_for(cfg: dict[str, Any], model) -> PieceLatency:
 
         return PieceLatency(load_latency_model(lat["model"], lat["lut"], supernet=model.big_net, device=lat["device"],
                                                devices_file=lat["devices_file"]))
-    if lat["model"] != "flops":
-        raise ConfigError(f"latency.model: '{lat['model']}' needs latency.lut; without one only 'flops' "
-                          "(calibrated here) is available")
     import numpy as np
 
+    # no LUT: the model is CALIBRATED_HERE (the config was refused otherwise)
     space = model.space
     rng = np.random.default_rng(cfg["search"]["seed"])
     archs = [space.min_arch(), space.max_arch()]
@@ -175,17 +162,9 @@ def latency_for(cfg: dict[str, Any], model) -> PieceLatency:
     return PieceLatency(calibrated_proxy_latency(model.big_net.eval(), archs, lat["device"], lat["devices_file"]))
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run_pair_search(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
-    from raynas.hw.devices import init_local_ray
-    from raynas.search.algorithms import Constraints, SearchContext, build_algorithm
-    from raynas.search.driver import run_search
-    from raynas.search.pareto import pareto_front
-    from raynas.search.results import ResultStore
-    from raynas.search.runner import prepare_run_dir
+    from raynas.search.algorithms import Constraints, SearchContext
+    from raynas.search.runner import prepare_run_dir, search_front
 
     cfg = validate_pair_search_config(cfg)
     started = time.time()
@@ -193,30 +172,22 @@ def run_pair_search(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]
     model = load_model(cfg["checkpoint"], cfg["router"])
     latency = latency_for(cfg, model)
     cost_model = PairCostModel(model, latency)
-    s = cfg["search"]
+    s, ev = cfg["search"], cfg["evaluator"]
     constraints = Constraints(max_latency_ms=cfg["constraints"]["max_peak_latency_ms"])
     ctx = SearchContext(space=model.pair_space, estimate=cost_model.estimate, constraints=constraints,
                         objectives=tuple(s["objectives"]), seed=s["seed"])
-    algorithm = build_algorithm(s["algorithm"], ctx, s["budget"], **(s["params"] or {}))
-    store = ResultStore(storage.join(run_dir, "evaluations"))
-    init_local_ray(devices=[cfg["latency"]["device"]])
-    ev = cfg["evaluator"]
-    pool = pair_pool(cfg["checkpoint"], PairEvaluatorConfig(cfg["data"], cfg["tau"], cfg["router"], ev["bn_samples"],
-                                                            ev["batch_size"], ev["threads"]), ev["num_actors"])
-    try:
-        asked = run_search(algorithm, with_costs(pool, cost_model), store, progress=log)
-    finally:
-        pool.shutdown()
-    records = list({r["arch"]: r for r in asked}.values())
-    store.compact(storage.join(run_dir, "evaluations.parquet"))
-    front = pareto_front([r for r in records if r["feasible"]], ctx.objectives)
-    storage.write_pandas(storage.join(run_dir, "front.parquet"), pd.DataFrame(front))
+    evaluator = PairEvaluatorConfig(cfg["data"], cfg["tau"], cfg["router"], ev["bn_samples"], ev["batch_size"],
+                                    ev["threads"])
+    found = search_front(run_dir, ctx, s, cfg["latency"]["device"], resume,
+                         lambda: pair_pool(cfg["checkpoint"], evaluator, ev["num_actors"]),
+                         lambda pool: with_costs(pool, cost_model))
+    records, front = found.records, found.front
     summary = {
         "space": model.pair_space.name, "coupling": model.coupling, "router": model.router.name,
-        "tau": cfg["tau"], "algorithm": algorithm.name, "budget": s["budget"], "evaluations": len(records),
+        "tau": cfg["tau"], "algorithm": found.algorithm.name, "budget": s["budget"], "evaluations": len(records),
         "feasible": sum(bool(r["feasible"]) for r in records), "front": len(front),
         "objectives": list(ctx.objectives), "latency_model": latency.kind,
-        "actors_replaced": pool.replaced, "wall_s": round(time.time() - started, 1),
+        "actors_replaced": found.actors_replaced, "wall_s": round(time.time() - started, 1),
         "front_points": [{k: r[k] for k in ("arch", "accuracy", "e_latency_ms", "peak_latency_ms", "e_macs",
                                             "routing_ratio") if k in r} for r in front],
     }

@@ -39,7 +39,6 @@ from raynas.biglittle.routers import ROUTERS, confidence_score, gumbel_decision,
 from raynas.errors import ConfigError
 from raynas.space import Arch, SearchSpace
 from raynas.train.losses import accuracy, label_loss, soft_target_loss
-from raynas.train.strategies import register_strategy
 from raynas.train.strategies.base import StepContext, Strategy
 
 ESTIMATORS = ("gumbel", "ste")
@@ -50,7 +49,6 @@ def _nonneg(options: dict, key: str, where: str) -> None:
         raise ConfigError(f"{where}.{key}: expected a number >= 0, got {options[key]}")
 
 
-@register_strategy
 class BigLittleStrategy(Strategy):
     name = "biglittle"
     FAMILIES = ("mbv3",)
@@ -203,7 +201,6 @@ def parse_arch_option(space: SearchSpace, value: Any, where: str) -> Arch:
     return space.validate(value)
 
 
-@register_strategy
 class SingleArchStrategy(Strategy):
     """Train one architecture alone with label CE (independently trained baseline models)."""
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from raynas import config as c
 from raynas import storage
-from raynas.errors import ConfigError
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "parquet")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
@@ -48,49 +48,28 @@ DEFAULT_AUGMENT = {"digits": "none", "synthetic": "none", "cifar10": "crop_flip"
 REQUIRED = {"cifar10": ("root",), "cifar100": ("root",), "imagefolder": ("root",), "parquet": ("path",)}
 
 
-def _int(cfg: Mapping, key: str, minimum: int, where: str) -> int:
-    value = cfg[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{where}.{key}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _float(cfg: Mapping, key: str, low: float, high: float, where: str, closed: bool = False) -> float:
-    value = cfg[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (low <= value <= high if closed else low < value < high)
-    if not ok:
-        bounds = f"[{low}, {high}]" if closed else f"({low}, {high})"
-        raise ConfigError(f"{where}.{key}: expected a number in {bounds}, got {value!r}")
-    return float(value)
-
-
-def _str(cfg: Mapping, key: str, where: str) -> str:
-    value = cfg[key]
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}.{key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _location(cfg: Mapping, key: str, where: str) -> str:
-    """A local path (made absolute, so every node reads the same one) or a URI, as given."""
-    try:
-        return storage.normalize(_str(cfg, key, where))
-    except storage.StorageError as exc:
-        raise ConfigError(f"{where}.{key}: {str(exc).split(': ', 1)[-1]}") from None
-
-
-def _channel_list(cfg: Mapping, key: str, where: str, positive: bool) -> list[float] | None:
-    value = cfg[key]
+def _channel_list(value: Any, field: str, positive: bool) -> list[float] | None:
+    """Per-channel mean or std: one number, or one per RGB channel."""
     if value is None:
         return None
-    ok = isinstance(value, list) and len(value) in (1, 3)
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    ok = ok and (not positive or all(v > 0 for v in value))
-    if not ok:
-        kind = "positive numbers" if positive else "numbers"
-        raise ConfigError(f"{where}.{key}: expected a list of 1 or 3 {kind}, got {value!r}")
-    return [float(v) for v in value]
+    if not isinstance(value, list) or len(value) not in (1, 3):
+        c.fail(field, f"got {value!r}", f"a list of 1 or 3 {'positive ' if positive else ''}numbers")
+    return [c.number(v, f"{field}[{i}]", 0.0 if positive else None, low_open=positive) for i, v in enumerate(value)]
+
+
+def _image_shape(value: Any, field: str) -> list[int] | None:
+    if value is not None and not (isinstance(value, list) and len(value) == 3 and value[0] in (1, 3)):
+        c.fail(field, f"got {value!r}", "[channels (1 or 3), height, width]")
+    return None if value is None else list(c.int_choices(value, field))
+
+
+def _data_location(value: Any, field: str, check_files: bool, directory: bool) -> str:
+    """A local path (made absolute, so every node reads the same one) or a URI; it must exist when checked."""
+    location = c.location(value, field)
+    if check_files and not (storage.is_dir(location) if directory else storage.exists(location)):
+        c.fail(field, f"{'directory ' if directory else ''}{storage.display(location)} does not exist",
+               "an existing " + ("directory" if directory else "file or directory"))
+    return location
 
 
 def validate_data_config(cfg: Mapping[str, Any] | None, where: str = "data",
@@ -100,73 +79,43 @@ def validate_data_config(cfg: Mapping[str, Any] | None, where: str = "data",
     `check_files` also checks that the paths it names exist (not their contents: reading them is
     compute, and happens on the workers).
     """
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(cfg).__name__}")
-    name = cfg.get("name", COMMON_DEFAULTS["name"])
-    if name not in DATASETS:
-        raise ConfigError(f"{where}.name: unknown dataset {name!r}; allowed: {list(DATASETS)}")
-    defaults = {**COMMON_DEFAULTS, **SOURCE_DEFAULTS[name]}
-    for key in cfg:
-        if key not in defaults:
-            raise ConfigError(f"{where}: unknown field '{key}' for dataset '{name}'; "
-                              f"allowed: {sorted(defaults)}")
+    cfg = {} if cfg is None else c.mapping(cfg, where)
+    name = c.choice(cfg.get("name", COMMON_DEFAULTS["name"]), f"{where}.name", DATASETS)
+    out = c.with_defaults(cfg, {**COMMON_DEFAULTS, **SOURCE_DEFAULTS[name]}, where)
     for key in REQUIRED.get(name, ()):
-        if cfg.get(key) is None:
-            raise ConfigError(f"{where}.{key}: missing (dataset '{name}' needs it)")
-    out = {**defaults, **dict(cfg), "name": name}
+        if out[key] is None:
+            c.fail(f"{where}.{key}", f"missing (dataset '{name}' needs it)")
     if out["augment"] is None:
         out["augment"] = DEFAULT_AUGMENT[name]
-    if out["augment"] not in AUGMENTATIONS:
-        raise ConfigError(f"{where}.augment: {out['augment']!r} is not allowed; "
-                          f"allowed: {list(AUGMENTATIONS)}")
+    c.choice(out["augment"], f"{where}.augment", AUGMENTATIONS)
 
-    _int(out, "batch_size", 1, where)
-    _int(out, "eval_batch_size", 1, where)
-    _int(out, "split_seed", 0, where)
-    _float(out, "val_fraction", 0.0, 1.0, where)
+    c.integer(out["batch_size"], c.join(where, "batch_size"), 1)
+    c.integer(out["eval_batch_size"], c.join(where, "eval_batch_size"), 1)
+    c.integer(out["split_seed"], c.join(where, "split_seed"), 0)
+    c.number(out["val_fraction"], c.join(where, "val_fraction"), 0.0, 1.0, low_open=True, high_open=True)
     for key in ("max_train_samples", "max_val_samples"):
-        if out[key] is not None:
-            _int(out, key, 1, where)
-    out["mean"] = _channel_list(out, "mean", where, positive=False)
-    out["std"] = _channel_list(out, "std", where, positive=True)
+        c.integer(out[key], c.join(where, key), 1, optional=True)
+    out["mean"] = _channel_list(out["mean"], c.join(where, "mean"), positive=False)
+    out["std"] = _channel_list(out["std"], c.join(where, "std"), positive=True)
     if (out["mean"] is None) != (out["std"] is None):
-        raise ConfigError(f"{where}.mean/std: give both or neither")
+        c.fail(f"{where}.mean/std", "only one given", "both or neither")
 
     if name == "synthetic":
-        _int(out, "num_samples", 1, where)
-        _int(out, "num_val_samples", 1, where)
-        _int(out, "num_classes", 2, where)
-        _int(out, "image_size", 2, where)
-        _int(out, "seed", 0, where)
-        if out["channels"] not in (1, 3):
-            raise ConfigError(f"{where}.channels: expected 1 or 3, got {out['channels']!r}")
-        _float(out, "noise", 0.0, 100.0, where, closed=True)
+        for key, minimum in (("num_samples", 1), ("num_val_samples", 1), ("num_classes", 2), ("image_size", 2),
+                             ("seed", 0)):
+            c.integer(out[key], c.join(where, key), minimum)
+        c.choice(c.integer(out["channels"], c.join(where, "channels"), 1, 3), c.join(where, "channels"), (1, 3))
+        c.number(out["noise"], c.join(where, "noise"), 0.0, 100.0)
     if name in ("cifar10", "cifar100", "imagefolder"):
-        root = _location(out, "root", where)
-        if check_files and not storage.is_dir(root):
-            raise ConfigError(f"{where}.root: directory {storage.display(root)} does not exist")
-        out["root"] = root
+        out["root"] = _data_location(out["root"], c.join(where, "root"), check_files, directory=True)
     if name == "parquet":
         for key in ("path", "val_path"):
-            if out[key] is None:
-                continue
-            path = _location(out, key, where)
-            if check_files and not storage.exists(path):
-                raise ConfigError(f"{where}.{key}: {storage.display(path)} does not exist")
-            out[key] = path
-        _str(out, "image_column", where)
-        _str(out, "label_column", where)
+            if out[key] is not None:
+                out[key] = _data_location(out[key], c.join(where, key), check_files, directory=False)
+        c.string(out["image_column"], c.join(where, "image_column"))
+        c.string(out["label_column"], c.join(where, "label_column"))
         if out["image_column"] == out["label_column"]:
-            raise ConfigError(f"{where}.label_column: must differ from {where}.image_column")
-        if out["num_classes"] is not None:
-            _int(out, "num_classes", 2, where)
-        shape = out["image_shape"]
-        if shape is not None:
-            ok = isinstance(shape, list) and len(shape) == 3 and shape[0] in (1, 3)
-            ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
-            if not ok:
-                raise ConfigError(f"{where}.image_shape: expected [channels (1 or 3), height, width], "
-                                  f"got {shape!r}")
+            c.fail(c.join(where, "label_column"), f"must differ from {where}.image_column")
+        c.integer(out["num_classes"], c.join(where, "num_classes"), 2, optional=True)
+        out["image_shape"] = _image_shape(out["image_shape"], c.join(where, "image_shape"))
     return out

@@ -14,19 +14,8 @@ import sys
 from contextlib import contextmanager
 
 from raynas import storage
+from raynas.cli_args import POSITIVE, SEED, integer
 from raynas.errors import UserError
-
-
-def _positive(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {value}")
-        return value
-    return parse
 
 
 def _common(p: argparse.ArgumentParser, lut_required: bool) -> None:
@@ -35,12 +24,12 @@ def _common(p: argparse.ArgumentParser, lut_required: bool) -> None:
                    help="declared device name (cluster/devices.yaml); several comma-separated run in parallel")
     if lut_required:
         p.add_argument("--lut", required=True, help="the LUT Parquet file built by `raynas profile lut` (path or URI)")
-    p.add_argument("--resolution", type=_positive("--resolution"), help="input resolution (default: the space's)")
-    p.add_argument("--num-classes", type=_positive("--num-classes"))
+    p.add_argument("--resolution", type=integer(8), help="input resolution (default: the space's)")
+    p.add_argument("--num-classes", type=POSITIVE)
     p.add_argument("--checkpoint", help="supernet checkpoint (weights barely change latency; optional)")
     p.add_argument("--devices-file", help="devices YAML (default: $RAYNAS_DEVICES or cluster/devices.yaml)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -58,9 +47,9 @@ def register(subparsers) -> None:
     _common(p, lut_required=False)
     p.add_argument("--out", required=True, help="LUT Parquet file (path or URI); existing rows of the same table are "
                    "reused, and measured blocks are stored as the build goes (a killed build resumes)")
-    p.add_argument("--max-archs", type=_positive("--max-archs"), default=3000,
+    p.add_argument("--max-archs", type=POSITIVE, default=3000,
                    help="most subnets scanned for distinct blocks")
-    p.add_argument("--patience", type=_positive("--patience"), default=300,
+    p.add_argument("--patience", type=POSITIVE, default=300,
                    help="stop scanning after this many subnets in a row bring no new block")
     _passes(p, "block")
     p.add_argument("--force", action="store_true", help="measure every block again")
@@ -68,17 +57,17 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("calibrate", help="fit kappa*sum(LUT)+epsilon (and the other models) on n measured subnets")
     _common(p, lut_required=True)
-    p.add_argument("-n", type=_positive("-n"), default=10, help="end-to-end measured subnets (default 10)")
+    p.add_argument("-n", type=POSITIVE, default=10, help="end-to-end measured subnets (default 10)")
     p.add_argument("--out", help="calibration JSON, path or URI (default: next to the LUT, <lut>.calibration.json)")
     _passes(p, "subnet")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("validate", help="accuracy of every latency model on n held-out measured subnets")
     _common(p, lut_required=True)
-    p.add_argument("-n", type=_positive("-n"), default=100, help="held-out subnets (default 100)")
+    p.add_argument("-n", type=POSITIVE, default=100, help="held-out subnets (default 100)")
     p.add_argument("--calibration", help="calibration JSON, path or URI (default: <lut>.calibration.json; "
                    "made if absent)")
-    p.add_argument("--calibration-n", type=_positive("--calibration-n"), default=10,
+    p.add_argument("--calibration-n", type=POSITIVE, default=10,
                    help="subnets measured to calibrate when no calibration exists yet (default 10)")
     p.add_argument("--save", help="write one row per held-out subnet (measured vs predicted) to this Parquet "
                    "(path or URI)")
@@ -89,7 +78,7 @@ def register(subparsers) -> None:
 
 # ---- shared plumbing ---------------------------------------------------------------------------------
 def _passes(parser, what: str) -> None:
-    parser.add_argument("--passes", type=_positive("--passes"), default=1,
+    parser.add_argument("--passes", type=POSITIVE, default=1,
                         help=f"measure every {what} this many times in shuffled orders, keep the median pass "
                              "(steadier on a busy host)")
 
@@ -107,20 +96,27 @@ def _supernet(args):
     from raynas.space import load_space
     from raynas.supernets import build_supernet
 
-    num_classes = args.num_classes
     if args.checkpoint:
-        from raynas.supernets.checkpoint import read_checkpoint
-
-        num_classes = read_checkpoint(args.checkpoint)["num_classes"]
-    space = load_space(args.space, resolution=args.resolution, num_classes=num_classes)
+        return _trained_supernet(args)
+    space = load_space(args.space, resolution=args.resolution, num_classes=args.num_classes)
     if space.resolution < 8:
         raise UserError(f"--resolution: must be an integer >= 8, got {space.resolution}")
-    supernet = build_supernet(space)
-    if args.checkpoint:
-        from raynas.supernets.checkpoint import load_supernet_weights
+    return build_supernet(space).eval()
 
-        load_supernet_weights(supernet, args.checkpoint)
-    return supernet.eval()
+
+def _trained_supernet(args):
+    """The checkpoint's supernet, as trained: it is profiled at its own space, classes and resolution."""
+    from raynas.space import load_space
+    from raynas.supernets.checkpoint import load_supernet
+
+    supernet = load_supernet(args.checkpoint)
+    space = supernet.space
+    if space.name != load_space(args.space).name:
+        raise UserError(f"--checkpoint: {args.checkpoint} was trained on space '{space.name}', not '{args.space}'")
+    if args.resolution not in (None, space.resolution):
+        raise UserError(f"--resolution: {args.resolution} differs from the checkpoint's {space.resolution}; "
+                        "allowed: the checkpoint's resolution (or no --checkpoint: weights barely change latency)")
+    return supernet
 
 
 @contextmanager

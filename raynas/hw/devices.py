@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from raynas.errors import ConfigError, UserError
+from raynas import config as c
+from raynas.errors import UserError
 
 LABEL_KEY = "device"  # the node label naming the device a node is: device=<name>
 RESOURCE_PREFIX = "device:"  # the custom resource of boards that joined before labels: device:<name>
@@ -71,20 +70,13 @@ class MeasurementProtocol:
     clock: str = "wall"
 
     def validate(self, where: str = "protocol") -> MeasurementProtocol:
-        if not (isinstance(self.warmup_s, (int, float)) and 0 <= self.warmup_s <= 60):
-            raise ConfigError(f"{where}.warmup_s: expected seconds in [0, 60], got {self.warmup_s!r}")
-        if not (_is_int(self.min_warmup_runs) and self.min_warmup_runs >= 0):
-            raise ConfigError(f"{where}.min_warmup_runs: expected an integer >= 0, got {self.min_warmup_runs!r}")
-        if not (_is_int(self.runs) and self.runs >= MIN_RUNS):
-            raise ConfigError(f"{where}.runs: expected an integer >= {MIN_RUNS}, got {self.runs!r}")
-        if not (isinstance(self.min_run_s, (int, float)) and 0 <= self.min_run_s <= 600):
-            raise ConfigError(f"{where}.min_run_s: expected seconds in [0, 600], got {self.min_run_s!r}")
-        if not (_is_int(self.repeats) and 1 <= self.repeats <= 10):
-            raise ConfigError(f"{where}.repeats: expected an integer in [1, 10], got {self.repeats!r}")
-        if not (isinstance(self.max_rel_iqr, (int, float)) and self.max_rel_iqr > 0):
-            raise ConfigError(f"{where}.max_rel_iqr: expected a number > 0, got {self.max_rel_iqr!r}")
-        if self.clock not in CLOCKS:
-            raise ConfigError(f"{where}.clock: unknown {self.clock!r}; allowed: {list(CLOCKS)}")
+        c.number(self.warmup_s, f"{where}.warmup_s", 0, 60)
+        c.integer(self.min_warmup_runs, f"{where}.min_warmup_runs", 0)
+        c.integer(self.runs, f"{where}.runs", MIN_RUNS)
+        c.number(self.min_run_s, f"{where}.min_run_s", 0, 600)
+        c.integer(self.repeats, f"{where}.repeats", 1, 10)
+        c.number(self.max_rel_iqr, f"{where}.max_rel_iqr", 0, low_open=True)
+        c.choice(self.clock, f"{where}.clock", CLOCKS)
         return self
 
 
@@ -125,15 +117,12 @@ class DeviceSpec:
         return cls(**d, protocol=protocol)
 
 
+# As declared in cluster/devices.yaml (see there why the thread clock allows this short protocol).
 LOCAL_CPU = DeviceSpec(DEFAULT_DEVICE, description="this machine, onnxruntime CPU execution provider",
-                       protocol=MeasurementProtocol(clock="thread"))
+                       protocol=MeasurementProtocol(clock="thread", warmup_s=0.05, min_run_s=0.05))
 
 DEVICE_KEYS = ("resource", "runtime", "threads", "batch_size", "description", "protocol")
 PROTOCOL_KEYS = tuple(MeasurementProtocol.__dataclass_fields__)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def device_resource(name: str) -> str:
@@ -156,82 +145,64 @@ def default_devices_file() -> Path | None:
     return None
 
 
-def _check_keys(cfg: Mapping, allowed: Iterable[str], where: str) -> None:
-    allowed = list(allowed)
-    for key in cfg:
-        if key not in allowed:
-            raise ConfigError(f"{where}: unknown field '{key}'; allowed: {allowed}")
-
-
 def _protocol(cfg: Any, base: MeasurementProtocol, where: str) -> MeasurementProtocol:
     if cfg is None:
         return base
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"{where}: expected a mapping with fields {list(PROTOCOL_KEYS)}")
-    _check_keys(cfg, PROTOCOL_KEYS, where)
+    cfg = c.mapping(cfg, where)
+    c.check_known(cfg, PROTOCOL_KEYS, where)
     return replace(base, **cfg).validate(where)
 
 
+def _device(name: Any, spec: Any, base: MeasurementProtocol, where: str) -> DeviceSpec:
+    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
+        c.fail(where, f"got the name {name!r}", "a node label value: 1-63 letters, digits, '.', '_' or '-', "
+               "starting and ending with a letter or digit")
+    spec = c.mapping(spec or {}, where)
+    c.check_known(spec, DEVICE_KEYS, where)
+    if "resource" in spec:
+        c.choice(spec["resource"], f"{where}.resource", [device_resource(name)])
+    device = DeviceSpec(
+        name=name, runtime=c.choice(spec.get("runtime", "cpu"), f"{where}.runtime", RUNTIME_PROVIDERS),
+        threads=c.integer(spec.get("threads", 1), f"{where}.threads", 1),
+        batch_size=c.integer(spec.get("batch_size", 1), f"{where}.batch_size", 1),
+        description=c.string(spec["description"], f"{where}.description") if "description" in spec else "",
+        protocol=_protocol(spec.get("protocol"), base, f"{where}.protocol"),
+    )
+    if device.protocol.clock == "thread" and (device.runtime != "cpu" or device.threads != 1):
+        c.fail(f"{where}.protocol.clock", f"'thread' with runtime {device.runtime!r} and threads {device.threads}",
+               "'wall'; 'thread' measures only runtime 'cpu' with threads 1")
+    return device
+
+
 def parse_devices(cfg: Any, source: str = "devices.yaml") -> dict[str, DeviceSpec]:
-    """Validate a parsed devices file: `{protocol: {...defaults}, devices: {name: {...}}}`."""
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"{source}: expected a mapping with fields ['protocol', 'devices']")
-    _check_keys(cfg, ("protocol", "devices"), source)
+    """Validate a parsed devices file: `{protocol: {...defaults}, devices: {name: {...}}}`; errors name
+    the file and the field (`cluster/devices.yaml: devices.x.threads: ...`)."""
+    cfg = c.mapping(cfg, source)
+    for key in cfg:
+        if key not in ("protocol", "devices"):
+            c.fail(f"{source}: {key}", "unknown field", ["devices", "protocol"])
     base = _protocol(cfg.get("protocol"), MeasurementProtocol(), f"{source}: protocol")
     declared = cfg.get("devices")
     if not isinstance(declared, Mapping) or not declared:
-        raise ConfigError(f"{source}: devices: expected a non-empty mapping of device name -> settings")
-    devices = {}
-    for name, spec in declared.items():
-        where = f"{source}: devices.{name}"
-        if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
-            raise ConfigError(f"{where}: a device name is a node label value: 1-63 letters, digits, '.', '_' "
-                              "or '-', starting and ending with a letter or digit")
-        spec = spec or {}
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"{where}: expected a mapping with fields {list(DEVICE_KEYS)}")
-        _check_keys(spec, DEVICE_KEYS, where)
-        if "resource" in spec and spec["resource"] != device_resource(name):
-            raise ConfigError(f"{where}.resource: must be '{device_resource(name)}', got {spec['resource']!r}")
-        runtime = spec.get("runtime", "cpu")
-        if runtime not in RUNTIME_PROVIDERS:
-            raise ConfigError(f"{where}.runtime: unknown {runtime!r}; allowed: {list(RUNTIME_PROVIDERS)}")
-        for key in ("threads", "batch_size"):
-            value = spec.get(key, 1)
-            if not (_is_int(value) and value >= 1):
-                raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
-        device = DeviceSpec(
-            name=name, runtime=runtime, threads=spec.get("threads", 1), batch_size=spec.get("batch_size", 1),
-            description=str(spec.get("description", "")),
-            protocol=_protocol(spec.get("protocol"), base, f"{where}.protocol"),
-        )
-        if device.protocol.clock == "thread" and (device.runtime != "cpu" or device.threads != 1):
-            raise ConfigError(f"{where}.protocol.clock: 'thread' measures only runtime 'cpu' with threads 1 "
-                              f"(got runtime {device.runtime!r}, threads {device.threads}); use 'wall'")
-        devices[name] = device
-    return devices
+        c.fail(f"{source}: devices", f"got {declared!r}", "a non-empty mapping of device name -> settings")
+    return {name: _device(name, spec, base, f"{source}: devices.{name}") for name, spec in declared.items()}
 
 
 def load_devices(path: str | Path | None = None) -> dict[str, DeviceSpec]:
-    """The declared devices; `local-cpu` is always there (declared or built in)."""
-    path = Path(path) if path else default_devices_file()
+    """The declared devices (from a local path or a URI); `local-cpu` is always there (declared or built in)."""
+    path = path or default_devices_file()
     devices: dict[str, DeviceSpec] = {}
     if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"devices file {path}: does not exist")
-        try:
-            cfg = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
-            raise ConfigError(f"devices file {path}: malformed YAML") from None
-        devices = parse_devices(cfg, str(path))
+        devices = parse_devices(c.read_yaml(str(path), "devices file"), str(path))
     devices.setdefault(DEFAULT_DEVICE, LOCAL_CPU)
     return devices
 
 
-def get_device(name: str, path: str | Path | None = None) -> DeviceSpec:
+def get_device(name: str, path: str | Path | None = None, where: str = "--device") -> DeviceSpec:
+    """A declared device; `where` names the option or field that gave `name`."""
     devices = load_devices(path)
     if name not in devices:
-        raise ConfigError(f"--device: unknown '{name}'; declared devices: {sorted(devices)}")
+        c.fail(where, f"unknown device {name!r}", f"a declared device: {sorted(devices)}")
     return devices[name]
 
 

@@ -126,9 +126,7 @@ class BlockIndex:
     """Block keys of archs, cached, and the features of keys the table lacks.
 
     `blocks()` builds static modules with copied weights, which is slow for a search that predicts
-    thousands of archs. A family may offer the cheap hook `block_keys(arch, resolution=None) -> list[str]`
-    (the keys `blocks()` would give, without building modules); it is used once it agreed with `blocks()`
-    on the first arch asked. Modules are only built for keys whose features are unknown.
+    thousands of archs: each arch's keys are computed once, and features only for keys not yet known.
     """
 
     def __init__(self, supernet: Supernet, known_features: dict[str, dict[str, float]], cache_size: int = 50_000):
@@ -136,29 +134,14 @@ class BlockIndex:
         self.features = dict(known_features)
         self._keys: OrderedDict[Arch, list[str]] = OrderedDict()
         self._cache_size = cache_size
-        hook = getattr(supernet, "block_keys", None)
-        self._key_hook = hook if callable(hook) else None
-        self._hook_checked = False
 
-    def _from_blocks(self, arch: Arch) -> list[str]:
+    def _compute(self, arch: Arch) -> list[str]:
         keys = []
         for block in self.supernet.blocks(arch):
             if block.key not in self.features:
                 self.features[block.key] = block_features(block.module, block.in_shape)
             keys.append(block.key)
         return keys
-
-    def _compute(self, arch: Arch) -> list[str]:
-        if self._key_hook is None:
-            return self._from_blocks(arch)
-        if not self._hook_checked:
-            keys = self._from_blocks(arch)
-            self._hook_checked = True
-            if list(self._key_hook(arch)) != keys:
-                self._key_hook = None  # disagrees with blocks(): not trusted
-            return keys
-        keys = list(self._key_hook(arch))
-        return self._from_blocks(arch) if any(k not in self.features for k in keys) else keys
 
     def keys(self, arch: Mapping[str, Any]) -> list[str]:
         arch = arch if isinstance(arch, Arch) else self.supernet.space.validate(arch)

@@ -2,9 +2,9 @@
 
 A block configuration is identified by `Block.key` (the piece's choices at its stage position, incl. its
 input shape), so a table row is one distinct computation; a subnet's raw LUT latency is the sum of its
-blocks' rows. Families offer no enumerator, so configurations are collected from `blocks()` of the
-smallest, the largest and random subnets until `patience` samples in a row bring no new key (plus an
-optional family hook `supernet.block_variants(resolution) -> Iterable[Block]`).
+blocks' rows. Configurations are collected from `blocks()` of the smallest, the largest and random
+subnets until `patience` samples in a row bring no new key; a family that lists its blocks itself
+(`Supernet.block_variants(resolution) -> list[Block]`) is only verified by a few sampled subnets.
 
 Tables are Parquet, one row per (space, device, runtime, resolution, num_classes, key); a file may hold
 several groups. A LUT lives at a location raynas.storage reads and writes (a local path or a URI such as
@@ -14,13 +14,12 @@ build persists its blocks as it goes, so a killed one resumes where it stopped.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,23 +82,8 @@ class BlockCatalogue:
 
 
 def family_block_variants(supernet: Supernet) -> list[Block]:
-    """Blocks from the family's optional enumerator `block_variants(resolution)`, if it has one.
-
-    Accepted forms: an iterable of `Block`, or a mapping key -> (dynamic module, choices, in_shape without
-    batch) whose static piece is `module.static(in_shape, **choices)` (the scanedge family's form).
-    A method of that name with another signature (not taking `resolution`) is something else and ignored.
-    """
-    hook = getattr(supernet, "block_variants", None)
-    if not callable(hook):
-        return []
-    params = list(inspect.signature(hook).parameters)
-    if not params or params[0] != "resolution":
-        return []
-    found = hook(supernet.space.resolution)
-    if isinstance(found, Mapping):
-        return [Block(key, module.static(tuple(shape), **choices), (1, *shape))
-                for key, (module, choices, shape) in found.items()]
-    return [b for b in found if isinstance(b, Block)]
+    """The blocks the family lists itself (`Supernet.block_variants`); [] when it leaves them to sampling."""
+    return list(supernet.block_variants(supernet.space.resolution))
 
 
 def collect_block_configs(supernet: Supernet, *, seed: int = 0, max_archs: int = 3000, patience: int = 300,
@@ -189,10 +173,13 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
     exported: dict[str, tuple] = {}  # tag -> (object ref, shape): exported once, measured every pass
     pending: list = []
 
-    def collect(refs) -> None:
+    def collect(calls) -> None:
         completed = False
-        for name, ref in refs:
-            records = ray.get(ref)
+        for p, batch, ref in calls:
+            # A profiler that died meanwhile is replaced and measures this chunk again; earlier chunks'
+            # records are in `done` (and persisted by `on_done`), so nothing measured before is lost.
+            records = p.collect(ref, batch)
+            name = p.device.name
             for r in records:
                 runs = per_pass[name].setdefault(r["tag"], [])
                 runs.append(r)
@@ -220,7 +207,7 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
             if not overlap:
                 collect(pending)
                 pending = []
-            refs = [(p.device.name, p.actor.measure.remote(batch)) for p in profilers]
+            refs = [(p, batch, p.submit(batch)) for p in profilers]
             if overlap:
                 collect(pending)
                 pending = refs

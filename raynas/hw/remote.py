@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import ActorAlreadyExistsError
+from ray.exceptions import ActorAlreadyExistsError, RayActorError
 
 from raynas.hw.devices import DeviceNotPresent, DeviceSpec, ensure_device_present
 from raynas.hw.measure import measure_onnx
@@ -76,6 +76,35 @@ class Profiler:
     device: DeviceSpec
     actor: Any
     node: dict[str, Any]
+    replaced: int = 0  # actors started in place of one that died
+
+    def submit(self, items: list[tuple[str, Any, tuple[int, ...]]]) -> ray.ObjectRef:
+        """Start timing `(tag, onnx_bytes or its object ref, input_shape)` items; `collect` the result."""
+        return self.actor.measure.remote(items)
+
+    def collect(self, ref: ray.ObjectRef, items: list, replacements: int = 2) -> list[dict[str, Any]]:
+        """The records of the call `ref = submit(items)`. When the actor died meanwhile (its process or node
+        was killed), a new actor replaces it and measures `items` again, up to `replacements` times: what
+        earlier calls returned is the caller's and stays, only this call's items are measured anew."""
+        for _ in range(replacements):
+            try:
+                return ray.get(ref)
+            except RayActorError:
+                self.replace()
+                ref = self.submit(items)
+        return ray.get(ref)
+
+    def measure(self, items: list) -> list[dict[str, Any]]:
+        return self.collect(self.submit(items), items)
+
+    def replace(self) -> None:
+        """Start a fresh actor for the device in place of this one. A dead actor is never reused (Ray does
+        not restart it: it may have died with its board), and the new one takes over its name, the device's
+        lock, as soon as Ray has seen the old one die (`start_profiler` waits for that)."""
+        ray.kill(self.actor, no_restart=True)  # a no-op on a dead actor; ends one that only stopped answering
+        fresh = start_profiler(self.device)
+        self.actor, self.node = fresh.actor, fresh.node
+        self.replaced += 1
 
     def stop(self) -> None:
         """Kill the actor and wait (briefly) until its name is free for the device's next profiler."""

@@ -39,8 +39,15 @@ class DynamicConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(max_out)) if bias else None
         nn.init.kaiming_normal_(self.weight, mode="fan_out")
 
-    def active_weight(self, in_ch: int, out_ch: int, kernel: int) -> torch.Tensor:
-        w = self.weight[:out_ch] if self.depthwise else self.weight[:out_ch, :in_ch]
+    def active_weight(self, in_ch: int, out_ch: int, kernel: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The slice a (in_ch, out_ch, kernel) choice uses of the largest weight: the stored one, or a
+        full-size `weight` supplied instead (a hypernetwork's generated weight)."""
+        if weight is None:
+            weight = self.weight
+        elif tuple(weight.shape) != tuple(self.weight.shape):
+            raise ValueError(f"DynamicConv2d: supplied weight has shape {tuple(weight.shape)}, "
+                             f"expected {tuple(self.weight.shape)}")
+        w = weight[:out_ch] if self.depthwise else weight[:out_ch, :in_ch]
         return _center_crop_kernel(w, kernel)
 
     def _check(self, in_ch: int, out_ch: int, kernel: int) -> None:
@@ -50,25 +57,31 @@ class DynamicConv2d(nn.Module):
         if self.depthwise and in_ch != out_ch:
             raise ValueError("DynamicConv2d: depthwise conv needs in == out channels")
 
-    def forward(self, x: torch.Tensor, out_channels: int | None = None, kernel_size: int | None = None):
+    def out_channels(self, in_ch: int, out_channels: int | None = None) -> int:
+        """Output width of a choice: a depthwise conv keeps its input's, others default to the largest."""
+        return in_ch if self.depthwise else (out_channels or self.max_out)
+
+    def forward(self, x: torch.Tensor, out_channels: int | None = None, kernel_size: int | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         in_ch = x.shape[1]
-        out_ch = in_ch if self.depthwise else (out_channels or self.max_out)
+        out_ch = self.out_channels(in_ch, out_channels)
         k = kernel_size or self.max_kernel
         self._check(in_ch, out_ch, k)
         bias = self.bias[:out_ch] if self.bias is not None else None
         pad = self.dilation * (k - 1) // 2
-        return F.conv2d(x, self.active_weight(in_ch, out_ch, k), bias, self.stride, pad, self.dilation,
+        return F.conv2d(x, self.active_weight(in_ch, out_ch, k, weight), bias, self.stride, pad, self.dilation,
                         groups=in_ch if self.depthwise else 1)
 
     @torch.no_grad()
-    def static(self, in_ch: int, out_channels: int | None = None, kernel_size: int | None = None) -> nn.Conv2d:
-        out_ch = in_ch if self.depthwise else (out_channels or self.max_out)
+    def static(self, in_ch: int, out_channels: int | None = None, kernel_size: int | None = None,
+               weight: torch.Tensor | None = None) -> nn.Conv2d:
+        out_ch = self.out_channels(in_ch, out_channels)
         k = kernel_size or self.max_kernel
         self._check(in_ch, out_ch, k)
         # skip_init: the weights are overwritten below, so default initialisation is wasted work
         conv = skip_init(nn.Conv2d, in_ch, out_ch, k, self.stride, self.dilation * (k - 1) // 2, self.dilation,
                          groups=in_ch if self.depthwise else 1, bias=self.bias is not None)
-        conv.weight.copy_(self.active_weight(in_ch, out_ch, k))
+        conv.weight.copy_(self.active_weight(in_ch, out_ch, k, weight))
         if self.bias is not None:
             conv.bias.copy_(self.bias[:out_ch])
         return conv

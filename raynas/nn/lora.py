@@ -1,4 +1,4 @@
-"""Mixture-of-LoRA-Experts for weight-entangled ViT supernets (seed 003, TAS-LoRA §3.3).
+"""Mixture-of-LoRA-Experts building blocks (seed 003, TAS-LoRA §3.3): LoRA expert layers and the router.
 
 A trained AutoFormer supernet is frozen; every block's `qkv`, `proj`, `fc1`, `fc2` and the
 classifier `head` get E rank-r LoRA experts (`MoLELinear`). An LSTM router reads the sampled
@@ -17,16 +17,13 @@ one expert per group by default (AutoFormer-T 12, -S 27, -B 18). Each group has 
 whose weights start at zero and whose bias is `init_bias` (paper: 3) on the group's expert, so at
 first every group uses "its" expert, whatever the LSTM says; training then moves away from that.
 
-`attach_mole(supernet, config)` wraps an AutoFormer supernet into a `MoLESupernet` (itself a
-`Supernet`: forward / blocks / extract / cost). `build_supernet_with_mole(space, mole=...)` and
-`mole_kwargs(net)` are what a checkpoint needs to rebuild one; `load_mole_supernet(path)` does that.
+`raynas.supernets.mole` assembles them into a `MoLESupernet` around a frozen AutoFormer supernet.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +32,6 @@ from torch import nn
 
 from raynas.errors import ConfigError
 from raynas.nn.dynamic import DynamicLinear
-from raynas.space import Arch
-from raynas.supernets.base import Block, Supernet
 
 # The block layers MoLE adapts, in router-output order (the classifier has its own router head).
 BLOCK_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -239,196 +234,4 @@ class LSTMRouter(nn.Module):
         return block_gates, head_gates
 
 
-# ---- the MoLE supernet ---------------------------------------------------------------------------------
-def _get(module: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _set(module: nn.Module, dotted: str, value: nn.Module) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        module = getattr(module, part)
-    setattr(module, leaf, value)
-
-
-def _check_autoformer(supernet: nn.Module) -> None:
-    space = getattr(supernet, "space", None)
-    if space is None or space.family != "autoformer" or not hasattr(supernet, "layers"):
-        family = getattr(space, "family", type(supernet).__name__)
-        raise ConfigError(f"mole: applies to autoformer supernets (TAS-LoRA), not to '{family}'")
-    if isinstance(supernet, MoLESupernet) or isinstance(supernet.head, MoLELinear):
-        raise ConfigError("mole: this supernet already has MoLE experts")
-
-
-class MoLESupernet(Supernet):
-    """A frozen AutoFormer supernet + LoRA experts + LSTM router, honouring the Supernet protocol.
-
-    `forward(x, arch)` routes `arch` and runs the supernet with its MoLE layers; `blocks(arch)` (and
-    so `extract(arch)`) routes once and returns the supernet's static blocks with LoRA merged into
-    their weights; `cost(arch)` is the base subnet's, since merging changes no shape.
-    """
-
-    def __init__(self, supernet: Supernet, config: Mapping[str, Any] | None = None):
-        _check_autoformer(supernet)
-        super().__init__(supernet.space)
-        cfg = self.config = validate_mole_config(config)
-        spec = supernet.space.spec
-        groups = len(spec.num_heads) * len(spec.mlp_ratios) * len(spec.embed_dims)
-        num_experts = cfg["num_experts"] or groups
-        self.router = LSTMRouter(spec.num_heads, spec.mlp_ratios, spec.embed_dims, num_experts=num_experts,
-                                 embed=cfg["router_embed"], hidden=cfg["router_hidden"], init=cfg["router_init"],
-                                 init_bias=cfg["init_bias"])
-        scale = cfg["alpha"] / cfg["rank"]
-        for block in supernet.layers:
-            for target in BLOCK_TARGETS:
-                _set(block, target, MoLELinear(_get(block, target), num_experts, cfg["rank"], scale))
-        supernet.head = MoLELinear(supernet.head, num_experts, cfg["rank"], scale)
-        self.supernet = supernet
-        self.num_experts = num_experts
-        self.router_frozen = False
-        for name, p in supernet.named_parameters():  # fine-tuning trains the experts and the router only
-            p.requires_grad_(name.endswith(("lora_a", "lora_b")))
-
-    # ---- parameters --------------------------------------------------------------------------------
-    def mole_layers(self) -> list[MoLELinear]:
-        return [m for m in self.supernet.modules() if isinstance(m, MoLELinear)]
-
-    def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.mole_layers() for p in (m.lora_a, m.lora_b)]
-
-    def router_parameters(self) -> list[nn.Parameter]:
-        return list(self.router.parameters())
-
-    def base_parameters(self) -> list[nn.Parameter]:
-        lora = {id(p) for p in self.lora_parameters()}
-        return [p for p in self.supernet.parameters() if id(p) not in lora]
-
-    def set_router_frozen(self, frozen: bool) -> None:
-        """Frozen: routing weights carry no gradient (TAS-LoRA's warm-up trains the experts only)."""
-        self.router_frozen = bool(frozen)
-
-    def set_forward_mode(self, mode: str) -> None:
-        if mode not in FORWARD_MODES:
-            raise ValueError(f"forward mode {mode!r}; allowed: {list(FORWARD_MODES)}")
-        for m in self.mole_layers():
-            m.forward_mode = mode
-
-    # ---- routing -------------------------------------------------------------------------------------
-    def block_attributes(self, arch: Mapping[str, Any]) -> list[tuple[int, float, int]]:
-        return self.supernet.block_attributes(arch)
-
-    def routing(self, arch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block gates (depth, 4, E), classifier gates (E,)) of a subnet."""
-        attributes = self.block_attributes(arch)
-        if self.router_frozen:
-            with torch.no_grad():
-                return self.router(attributes)
-        return self.router(attributes)
-
-    def _route(self, arch: Arch) -> None:
-        block_gates, head_gates = self.routing(arch)
-        for i, block in enumerate(self.supernet.layers):
-            for j, target in enumerate(BLOCK_TARGETS):
-                _get(block, target).gates = block_gates[i, j] if i < len(block_gates) else None
-        self.supernet.head.gates = head_gates
-
-    def _clear_routes(self) -> None:
-        # The autograd graph keeps its own references; dropping ours keeps the module deep-copyable.
-        for m in self.mole_layers():
-            m.gates = None
-
-    # ---- protocol -------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, arch: Arch | Mapping[str, Any] | None = None) -> torch.Tensor:
-        arch = self.space.max_arch() if arch is None else self.as_arch(arch)
-        self._route(arch)
-        try:
-            return self.supernet(x, arch)
-        finally:
-            self._clear_routes()
-
-    @torch.no_grad()
-    def blocks(self, arch: Arch, resolution: int | None = None) -> list[Block]:
-        arch = self.space.validate(arch)
-        self._route(arch)
-        try:
-            return self.supernet.blocks(arch, resolution)
-        finally:
-            self._clear_routes()
-
-    def cost(self, arch: Arch, resolution: int | None = None) -> dict[str, int]:
-        return self.supernet.cost(arch, resolution)
-
-    # ---- what a checkpoint needs --------------------------------------------------------------------------
-    def supernet_kwargs(self) -> dict[str, Any]:
-        """The `build_supernet` keyword arguments that rebuild this network (before its weights)."""
-        return {"mole": dict(self.config)}
-
-    def get_extra_state(self) -> dict[str, Any]:
-        # Travels inside state_dict(), so a saved MoLE supernet says how to rebuild itself.
-        return {"mole": dict(self.config)}
-
-    def set_extra_state(self, state: Any) -> None:
-        if isinstance(state, Mapping) and "mole" in state:
-            saved = validate_mole_config(state["mole"])
-            if saved != self.config:
-                raise ValueError(f"MoLE checkpoint was built with {saved}, this network with {self.config}")
-
-
-def attach_mole(supernet: Supernet, config: Mapping[str, Any] | None = None) -> MoLESupernet:
-    """Freeze `supernet` (an AutoFormer one, trained) and add TAS-LoRA's experts and router.
-
-    The supernet's `DynamicLinear`s are replaced in place by `MoLELinear`s that share their
-    Parameters; the returned `MoLESupernet` owns the supernet (as `.supernet`) and the router.
-    """
-    return MoLESupernet(supernet, config)
-
-
-def find_mole(module: nn.Module) -> MoLESupernet | None:
-    """The MoLE supernet inside a module (e.g. under DDP), if any."""
-    for m in module.modules():
-        if isinstance(m, MoLESupernet):
-            return m
-    return None
-
-
-def mole_kwargs(module: nn.Module) -> dict[str, Any]:
-    """`build_supernet` kwargs that rebuild `module`'s MoLE parts ({} without any)."""
-    net = find_mole(module)
-    return {} if net is None else net.supernet_kwargs()
-
-
-def build_supernet_with_mole(space, **kwargs: Any) -> Supernet:
-    """`raynas.supernets.build_supernet` plus the `mole={...}` option (None / absent: no MoLE)."""
-    from raynas.supernets import build_supernet
-
-    config = kwargs.pop("mole", None)
-    supernet = build_supernet(space, **kwargs)
-    return supernet if config is None else attach_mole(supernet, config)
-
-
-def load_mole_supernet(path: str | Path | bytes, mole: Mapping[str, Any] | None = None) -> MoLESupernet:
-    """Rebuild a saved MoLE supernet (space, frozen base, experts, router) in eval mode.
-
-    The MoLE config comes from `mole`, else the checkpoint's `supernet_kwargs`, else the config the
-    network stored in its own state dict.
-    """
-    from raynas.space import space_from_config
-    from raynas.supernets.checkpoint import CheckpointError, read_checkpoint
-
-    state = read_checkpoint(path)
-    config = mole or state.get("supernet_kwargs", {}).get("mole")
-    if config is None:
-        extra = state["model"].get("_extra_state")
-        config = extra.get("mole") if isinstance(extra, Mapping) else None
-    if config is None:
-        raise CheckpointError("checkpoint: holds no MoLE supernet (no 'mole' config stored)")
-    kwargs = {k: v for k, v in state.get("supernet_kwargs", {}).items() if k != "mole"}
-    net = build_supernet_with_mole(space_from_config(state["space_config"]), mole=config, **kwargs)
-    net.load_state_dict(state["model"])
-    return net.eval()
-
-
-__all__ = ["BLOCK_TARGETS", "LSTMRouter", "MOLE_DEFAULTS", "MoLELinear", "MoLESupernet", "attach_mole",
-           "build_supernet_with_mole", "find_mole", "load_mole_supernet", "mole_kwargs", "validate_mole_config"]
+__all__ = ["BLOCK_TARGETS", "FORWARD_MODES", "LSTMRouter", "MOLE_DEFAULTS", "MoLELinear", "validate_mole_config"]

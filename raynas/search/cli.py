@@ -6,14 +6,11 @@ import json
 
 
 def cmd_search(args) -> None:
-    from raynas.config_utils import read_yaml
+    from raynas.config import apply_overrides, read_yaml
     from raynas.search.config import validate_search_config
     from raynas.search.runner import run_search_job
 
-    cfg = read_yaml(args.config)
-    for key in ("checkpoint", "run_dir"):
-        if getattr(args, key, None):
-            cfg[key] = getattr(args, key)
+    cfg = apply_overrides(read_yaml(args.config), {"checkpoint": args.checkpoint, "run_dir": args.run_dir})
     cfg = validate_search_config(cfg)
     print(json.dumps(run_search_job(cfg, resume=args.resume)))
 

@@ -5,22 +5,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from raynas import storage
-from raynas.config_utils import check_known, one_of, positive_float, positive_int, section
-from raynas.errors import ConfigError
+from raynas import config as c
+from raynas.hw.latency import MODEL_KINDS
+from raynas.search.algorithms import ALGORITHMS as ALGORITHM_REGISTRY
+from raynas.search.algorithms import algorithm_class
 
-ALGORITHMS = ("nsga2", "coarse-to-fine", "evolution", "scanedge", "random")
+ALGORITHMS = tuple(ALGORITHM_REGISTRY.names())
 OBJECTIVES = ("accuracy", "latency_ms", "params", "macs")
-LATENCY_MODELS = ("lut", "linear", "flops", "params")
+LATENCY_MODELS = MODEL_KINDS
 
-# Algorithm keyword arguments a user may set (name -> allowed keys).
-ALGORITHM_PARAMS = {
-    "nsga2": ("population", "crossover_prob", "crossover_eta", "mutation_eta", "seed_extremes"),
-    "coarse-to-fine": ("coarse_samples", "population", "parents", "depth_prob", "block_prob"),
-    "evolution": ("population", "parents", "gene_prob", "depth_prob", "crossover_fraction"),
-    "scanedge": ("population", "parents", "gene_prob", "top_k", "momentum", "delta", "predictor_min_samples",
-                 "predictor_candidates"),
-    "random": ("batch_size",),
+# Every algorithm setting a user may set, with its range: (kind, low, high); None = unbounded.
+PARAM_RANGES: dict[str, tuple[str, float | None, float | None]] = {
+    "population": ("int", 2, None), "parents": ("int", 1, None), "coarse_samples": ("int", 1, None),
+    "top_k": ("int", 1, None), "predictor_min_samples": ("int", 1, None), "predictor_candidates": ("int", 1, None),
+    "batch_size": ("int", 1, None),
+    "crossover_prob": ("number", 0.0, 1.0), "gene_prob": ("number", 0.0, 1.0), "depth_prob": ("number", 0.0, 1.0),
+    "block_prob": ("number", 0.0, 1.0), "crossover_fraction": ("number", 0.0, 1.0), "momentum": ("number", 0.0, 1.0),
+    "crossover_eta": ("number", 0.0, None), "mutation_eta": ("number", 0.0, None), "delta": ("number", 0.0, None),
+    "seed_extremes": ("bool", None, None),
 }
 
 DEFAULTS = {
@@ -36,62 +38,89 @@ DEFAULTS = {
 }
 
 
+def algorithm_params(params: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
+    """The algorithm settings, each known to the algorithm and in range (shared with the pair search)."""
+    params = {} if params is None else c.mapping(params, where)
+    c.check_known(params, allowed, where)
+    for key, value in params.items():
+        kind, low, high = PARAM_RANGES[key]
+        if kind == "int":
+            c.integer(value, c.join(where, key), low, high)
+        elif kind == "number":
+            c.number(value, c.join(where, key), low, high, low_open=key.endswith("_eta"))
+        else:
+            c.boolean(value, c.join(where, key))
+    if params.get("parents", 0) > params.get("population", 50):
+        c.fail(c.join(where, "parents"), f"{params['parents']} exceeds the population", "at most the population")
+    return params
+
+
+def objectives(value: Any, allowed: tuple[str, ...], field: str) -> list[str]:
+    """'accuracy' first, then distinct objectives of `allowed`."""
+    if not isinstance(value, list) or not value or value[0] != "accuracy":
+        c.fail(field, f"got {value!r}", f"a list starting with 'accuracy', then any of {list(allowed[1:])}")
+    for i, name in enumerate(value):
+        c.choice(name, f"{field}[{i}]", allowed)
+    if len(set(value)) != len(value):
+        c.fail(field, f"got {value!r}", "each objective at most once")
+    return value
+
+
+def latency_device(lat: dict[str, Any], where: str = "latency") -> None:
+    """The device must be declared (in the devices file, itself valid) now, not when the LUT is read."""
+    from raynas.hw.devices import get_device
+
+    lat["devices_file"] = c.location(lat["devices_file"], f"{where}.devices_file", optional=True)
+    get_device(c.string(lat["device"], f"{where}.device"), lat["devices_file"], f"{where}.device")
+
+
+def latency_section(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The `latency:` section (model kind, LUT, device); shared with the pair search."""
+    lat = c.section(cfg, "latency", defaults)
+    c.choice(lat["model"], "latency.model", LATENCY_MODELS)
+    lat["lut"] = c.location(lat["lut"], "latency.lut", optional=True)
+    latency_device(lat)
+    return lat
+
+
+def search_section(cfg: Mapping[str, Any], defaults: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+    """The `search:` section (a registered algorithm and its settings, budget, seed, objectives of
+    `allowed`); shared with the pair search."""
+    s = c.section(cfg, "search", defaults)
+    c.choice(s["algorithm"], "search.algorithm", ALGORITHMS)
+    c.integer(s["budget"], "search.budget", 1)
+    c.integer(s["seed"], "search.seed", 0)
+    objectives(s["objectives"], allowed, "search.objectives")
+    s["params"] = algorithm_params(s["params"], algorithm_class(s["algorithm"]).PARAMS, "search.params")
+    return s
+
+
 def validate_search_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    check_known(cfg, DEFAULTS, "config")
+    from raynas.data import validate_data_config
+
+    cfg = c.mapping(cfg, "config")
+    c.check_known(cfg, DEFAULTS, "config")
     out: dict[str, Any] = {}
     # Locations are made absolute here: the config is stored with the run and read by other nodes.
-    checkpoint = cfg.get("checkpoint")
-    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint):
-        raise ConfigError("checkpoint: expected the location (a path or URI) of a supernet checkpoint")
-    out["checkpoint"] = storage.normalize(checkpoint) if checkpoint else None
-    run_dir = cfg.get("run_dir", DEFAULTS["run_dir"])
-    if not isinstance(run_dir, str) or not run_dir:
-        raise ConfigError(f"run_dir: expected a directory path or URI (s3://bucket/prefix), got {run_dir!r}")
-    out["run_dir"] = storage.normalize(run_dir)
-    out["data"] = dict(cfg.get("data") or DEFAULTS["data"])  # validated by raynas.data on use
+    out["checkpoint"] = c.location(cfg.get("checkpoint"), "checkpoint", optional=True)
+    out["run_dir"] = c.location(cfg.get("run_dir", DEFAULTS["run_dir"]), "run_dir")
+    out["data"] = validate_data_config(cfg.get("data") or DEFAULTS["data"])
 
-    ev = section(cfg, "evaluator", DEFAULTS["evaluator"])
-    positive_int(ev["num_actors"], "evaluator.num_actors")
-    positive_int(ev["bn_samples"], "evaluator.bn_samples")
-    positive_int(ev["batch_size"], "evaluator.batch_size")
-    positive_int(ev["threads"], "evaluator.threads")
+    ev = out["evaluator"] = c.section(cfg, "evaluator", DEFAULTS["evaluator"])
+    for key in ("num_actors", "bn_samples", "batch_size", "threads"):
+        c.integer(ev[key], f"evaluator.{key}", 1)
     if not isinstance(ev["device"], str) or not (ev["device"] == "cpu" or ev["device"].startswith("cuda")):
-        raise ConfigError(f"evaluator.device: {ev['device']!r} is not allowed; allowed: cpu, cuda, cuda:N")
-    out["evaluator"] = ev
+        c.fail("evaluator.device", f"{ev['device']!r} is not allowed", "cpu, cuda, cuda:N")
 
-    lat = section(cfg, "latency", DEFAULTS["latency"])
-    one_of(lat["model"], LATENCY_MODELS, "latency.model")
-    if lat["lut"] is not None and (not isinstance(lat["lut"], str) or not lat["lut"]):
-        raise ConfigError("latency.lut: expected the location (a path or URI) of a LUT Parquet file")
-    if lat["lut"]:
-        lat["lut"] = storage.normalize(lat["lut"])
-    out["latency"] = lat
+    out["latency"] = latency_section(cfg, DEFAULTS["latency"])
+    out["search"] = search_section(cfg, DEFAULTS["search"], OBJECTIVES)
 
-    s = section(cfg, "search", DEFAULTS["search"])
-    one_of(s["algorithm"], ALGORITHMS, "search.algorithm")
-    positive_int(s["budget"], "search.budget")
-    positive_int(s["seed"], "search.seed", minimum=0)
-    objectives = s["objectives"]
-    if not isinstance(objectives, list) or not objectives or objectives[0] != "accuracy":
-        raise ConfigError(f"search.objectives: a list starting with 'accuracy', then any of {list(OBJECTIVES[1:])}")
-    for i, o in enumerate(objectives):
-        one_of(o, OBJECTIVES, f"search.objectives[{i}]")
-    if len(set(objectives)) != len(objectives):
-        raise ConfigError("search.objectives: each objective at most once")
-    if not isinstance(s["params"], Mapping):
-        raise ConfigError("search.params: expected a mapping of algorithm settings")
-    check_known(s["params"], ALGORITHM_PARAMS[s["algorithm"]], "search.params")
-    out["search"] = s
+    cons = out["constraints"] = c.section(cfg, "constraints", DEFAULTS["constraints"])
+    c.number(cons["max_latency_ms"], "constraints.max_latency_ms", 0.0, low_open=True, optional=True)
+    c.integer(cons["max_params"], "constraints.max_params", 1, optional=True)
+    c.integer(cons["max_macs"], "constraints.max_macs", 1, optional=True)
 
-    c = section(cfg, "constraints", DEFAULTS["constraints"])
-    positive_float(c["max_latency_ms"], "constraints.max_latency_ms", optional=True)
-    positive_int(c["max_params"], "constraints.max_params", optional=True)
-    positive_int(c["max_macs"], "constraints.max_macs", optional=True)
-    out["constraints"] = c
-
-    e = section(cfg, "export", DEFAULTS["export"])
-    positive_int(e["top_k"], "export.top_k", minimum=0)
-    if not isinstance(e["measure"], bool):
-        raise ConfigError(f"export.measure: expected true or false, got {e['measure']!r}")
-    out["export"] = e
+    e = out["export"] = c.section(cfg, "export", DEFAULTS["export"])
+    c.integer(e["top_k"], "export.top_k", 0)
+    c.boolean(e["measure"], "export.measure")
     return out

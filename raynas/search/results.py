@@ -8,6 +8,7 @@ from any node and working directory, and skips those archs.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +44,20 @@ class ResultStore:
         if not parts:
             return []
         with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(parts))) as pool:
-            tables = list(pool.map(lambda p: storage.read_table(p, "evaluation part"), parts))
-        return pa.concat_tables(tables, promote_options="default").to_pylist()
+            tables = [t for t in pool.map(self._read_part, parts) if t is not None]
+        return pa.concat_tables(tables, promote_options="default").to_pylist() if tables else []
+
+    @staticmethod
+    def _read_part(location: str) -> pa.Table | None:
+        """One part; a corrupt one (torn by a writer of an older raynas, whose writes were not atomic) is
+        set aside and its evaluation done again, rather than failing every resume of the search."""
+        try:
+            return storage.read_table(location, "evaluation part")
+        except storage.CorruptFile as exc:
+            moved = storage.set_aside(location)
+            print(f"[search] {exc}; set aside as {storage.display(moved)}, its evaluation is redone",
+                  file=sys.stderr, flush=True)
+            return None
 
     def __contains__(self, arch_json: str) -> bool:
         return arch_json in self._records

@@ -5,7 +5,8 @@ run_dir (a local path or a URI such as s3://bucket/prefix; every file goes throu
   evaluations/part-*.parquet  one file per finished evaluation (append-only; `--resume` reads them)
   evaluations.parquet      all evaluations, compacted at the end
   front.parquet            the Pareto front (feasible evaluations only)
-  onnx/*.onnx              the exported subnets, verified against PyTorch
+  onnx/subnet_<i>.onnx     the exported subnets, verified against PyTorch
+  onnx/subnet_<i>.json     each one's export record (arch, ONNX digest, measurement): a re-run reuses it
   exported.parquet         exported subnets: predicted vs measured latency on the target device
   report.md, pareto.png    the report
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -44,6 +47,42 @@ def prepare_run_dir(cfg: dict[str, Any], resume: bool) -> str:
     return run_dir
 
 
+@dataclass
+class SearchOutcome:
+    algorithm: Any              # the SearchAlgorithm that ran
+    records: list[dict]         # every evaluation, one per arch
+    front: list[dict]           # the Pareto front of the feasible ones
+    reused: int                 # evaluations already stored when the run started (a resumed search)
+    actors_replaced: int        # evaluator actors that died and were replaced
+
+
+def search_front(run_dir: str, ctx: SearchContext, search: dict[str, Any], device: str, resume: bool,
+                 start_pool: Callable[[], Any], evaluator_of: Callable[[Any], Any]) -> SearchOutcome:
+    """Run the configured algorithm (`search` section) with a pool of evaluator actors; every evaluation is
+    stored under run_dir/evaluations (a resume answers stored archs from there), then compacted, and the
+    feasible Pareto front written to front.parquet. Shared by `raynas search` and the big/little pair search,
+    which differ in their space, their evaluator actors (`start_pool`) and what is added to their results
+    (`evaluator_of(pool)`, a `run_search` evaluator)."""
+    from raynas.hw.devices import init_local_ray
+
+    algorithm = build_algorithm(search["algorithm"], ctx, search["budget"], **(search["params"] or {}))
+    store = ResultStore(storage.join(run_dir, "evaluations"))
+    reused = len(store)
+    if resume and reused:
+        log(f"[search] resuming: {reused} evaluations already stored in {storage.display(run_dir)}")
+    init_local_ray(devices=[device])
+    pool = start_pool()
+    try:
+        asked = run_search(algorithm, evaluator_of(pool), store, progress=log)
+    finally:
+        pool.shutdown()
+    records = list({r["arch"]: r for r in asked}.values())
+    store.compact(storage.join(run_dir, "evaluations.parquet"))
+    front = pareto_front([r for r in records if r["feasible"]], ctx.objectives)
+    storage.write_pandas(storage.join(run_dir, "front.parquet"), pd.DataFrame(front))
+    return SearchOutcome(algorithm, records, front, reused, pool.replaced)
+
+
 def spread_along_front(front: list[dict], k: int) -> list[dict]:
     """k front members evenly spaced by rank along the front (ends always included)."""
     if k <= 0 or not front:
@@ -58,40 +97,72 @@ def export_and_measure(supernet, chosen: list[dict], run_dir: str, device: str |
                        devices_file: str | None) -> list[dict]:
     """Export each chosen subnet to verified ONNX in run_dir/onnx; measure it on the target device's node.
 
-    Each record's `onnx` is relative to run_dir, so the run reads the same wherever it is copied.
+    Each record's `onnx` is relative to run_dir, so the run reads the same wherever it is copied. Each
+    subnet's export (and then its measurement) is recorded in `onnx/subnet_<i>.json` beside its ONNX, with
+    the ONNX bytes' digest: a re-run (a killed pipeline's) reuses what that record vouches for and redoes
+    the rest, including an ONNX file that does not match its record (torn, or from an older run).
     """
     from raynas.hw.onnx_export import export_onnx
 
-    exported, models = [], []
+    records, reused = [], 0  # per subnet: what its `subnet_<i>.json` holds
     for i, rec in enumerate(chosen):
-        relative = f"onnx/subnet_{i}.onnx"
-        location = storage.join(run_dir, *relative.split("/"))
-        subnet = supernet.extract(Arch.from_json(rec["arch"]))
-        check = export_onnx(subnet, supernet.input_shape(1), location)
-        exported.append({**rec, "onnx": relative, "onnx_max_abs_diff": check["max_abs_diff"]})
-        models.append(location)
-    if device and exported:
-        import ray
-
+        location = storage.join(run_dir, "onnx", f"subnet_{i}.onnx")
+        done = _stored_export(location, _record_of(location), rec["arch"])
+        if done is None:
+            subnet = supernet.extract(Arch.from_json(rec["arch"]))
+            check = export_onnx(subnet, supernet.input_shape(1), location)
+            done = {"arch": rec["arch"], "onnx": f"onnx/subnet_{i}.onnx", "onnx_max_abs_diff": check["max_abs_diff"],
+                    "onnx_sha256": _digest(storage.read_bytes(location, "onnx"))}
+            storage.write_json(_record_of(location), done)
+        else:
+            reused += 1
+        records.append(done)
+    todo = [done for done in records if device and done.get("device") != device]
+    log(f"[search] export: {len(records)} subnets, {reused} already exported, {len(todo)} to measure")
+    if todo:
         from raynas.hw.devices import get_device
         from raynas.hw.remote import start_profiler
 
         profiler = start_profiler(get_device(device, devices_file))
         # The device's node receives the models' bytes: it need not see run_dir.
-        items = [(e["onnx"], storage.read_bytes(m, "onnx"), supernet.input_shape(1)) for e, m in zip(exported, models)]
+        items = [(done["onnx"], storage.read_bytes(storage.join(run_dir, done["onnx"]), "onnx"),
+                  supernet.input_shape(1)) for done in todo]
         try:
-            timings = ray.get(profiler.actor.measure.remote(items))
+            timings = profiler.measure(items)
         finally:
             profiler.stop()
-        for e, t in zip(exported, timings):
-            e.update(measured_ms=t["median_ms"], measured_iqr_ms=t["iqr_ms"], measured_runs=t["runs"],
-                     measured_on=t["hostname"], measured_node=t["node_id"], device=device)
-    return exported
+        for done, t in zip(todo, timings):
+            done.update(measured_ms=t["median_ms"], measured_iqr_ms=t["iqr_ms"], measured_runs=t["runs"],
+                        measured_on=t["hostname"], measured_node=t["node_id"], device=device)
+            storage.write_json(_record_of(storage.join(run_dir, done["onnx"])), done)
+    return [{**rec, **done} for rec, done in zip(chosen, records)]
+
+
+def _record_of(onnx_location: str) -> str:
+    return onnx_location[:-len(".onnx")] + ".json"
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _stored_export(location: str, record: str, arch: str) -> dict | None:
+    """The stored record of `arch`'s export when it and the ONNX file it vouches for are whole, else None."""
+    if not (storage.is_file(record) and storage.is_file(location)):
+        return None
+    try:
+        done = storage.read_json(record, "export record")
+    except storage.CorruptFile:
+        return None
+    if not isinstance(done, dict) or done.get("arch") != arch:
+        return None
+    return done if _digest(storage.read_bytes(location, "onnx")) == done.get("onnx_sha256") else None
 
 
 def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     """Run the configured search end to end; returns a summary (also in the report)."""
-    from raynas.hw.devices import init_local_ray
     from raynas.hw.latency import load_latency_model
     from raynas.report.pareto_report import write_report
     from raynas.supernets.checkpoint import load_supernet
@@ -110,34 +181,23 @@ def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     ctx = SearchContext(space=supernet.space, estimate=estimate_fn(supernet, latency_model),
                         constraints=Constraints(**cfg["constraints"]), objectives=tuple(s["objectives"]),
                         seed=s["seed"])
-    algorithm = build_algorithm(s["algorithm"], ctx, s["budget"], **s["params"])
-    store = ResultStore(storage.join(run_dir, "evaluations"))
-    if resume and len(store):
-        log(f"[search] resuming: {len(store)} evaluations already stored in {storage.display(run_dir)}")
-
-    init_local_ray(devices=[lat["device"]])
     ev = cfg["evaluator"]
-    pool = make_evaluator_pool(cfg["checkpoint"], EvaluatorConfig(data=cfg["data"], **ev))
-    try:
-        asked = run_search(algorithm, pool_evaluator(pool), store, progress=log)
-    finally:
-        pool.shutdown()
-
-    records = list({r["arch"]: r for r in asked}.values())
-    store.compact(storage.join(run_dir, "evaluations.parquet"))
-    front = pareto_front([r for r in records if r["feasible"]], ctx.objectives)
-    storage.write_pandas(storage.join(run_dir, "front.parquet"), pd.DataFrame(front))
+    found = search_front(run_dir, ctx, s, lat["device"], resume,
+                         lambda: make_evaluator_pool(cfg["checkpoint"], EvaluatorConfig(data=cfg["data"], **ev)),
+                         pool_evaluator)
+    records, front = found.records, found.front
     chosen = spread_along_front(front, cfg["export"]["top_k"])
     exported = export_and_measure(supernet, chosen, run_dir, lat["device"] if cfg["export"]["measure"] else None,
                                   lat["devices_file"])
     if exported:
         storage.write_pandas(storage.join(run_dir, "exported.parquet"), pd.DataFrame(exported))
     summary = {
-        "space": supernet.space.name, "algorithm": algorithm.name, "budget": s["budget"],
-        "evaluations": len(records), "feasible": sum(r["feasible"] for r in records), "front": len(front),
+        "space": supernet.space.name, "algorithm": found.algorithm.name, "budget": s["budget"],
+        "evaluations": len(records), "evaluations_reused": found.reused,
+        "feasible": sum(r["feasible"] for r in records), "front": len(front),
         "best_accuracy": max((r["accuracy"] for r in front), default=float("nan")),
         "latency_model": lat["model"], "device": lat["device"], "actors": ev["num_actors"],
-        "actors_replaced": pool.replaced, "wall_s": round(time.time() - started, 1),
+        "actors_replaced": found.actors_replaced, "wall_s": round(time.time() - started, 1),
     }
     report = write_report(run_dir, summary, records, front, exported)
     log(f"[search] done: {len(records)} evaluations, front of {len(front)}, report {storage.display(report)}")

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Mapping
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from raynas.config import read_yaml
+from raynas.registry import Registry
 from raynas.space.space import SearchSpace, SpaceError
 
 # family name -> module implementing `build_space(cfg) -> SearchSpace` and `build_supernet(space, **kw)`
-FAMILIES = {
+FAMILIES = Registry("family", {
     "nb201": "raynas.supernets.nb201",
     "uib": "raynas.supernets.uib",
     "autovit": "raynas.supernets.autovit",
     "autoformer": "raynas.supernets.autoformer",
     "scanedge": "raynas.supernets.scanedge",
     "mbv3": "raynas.supernets.mbv3",
-}
+}, error=SpaceError)
 
 COMMON_KEYS = ("name", "family", "description", "resolution", "num_classes", "in_channels")
 
@@ -56,27 +54,13 @@ def require(cfg: Mapping[str, Any], key: str, where: str, kind: type | tuple = o
     return value
 
 
-def read_space_yaml(path: Path) -> dict:
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise SpaceError(f"space file {path}: malformed YAML{where}") from None
-    if not isinstance(cfg, dict):
-        raise SpaceError(f"space file {path}: expected a mapping at the top level")
-    return cfg
-
-
-@cache
-def _family_module(family: str):
-    return importlib.import_module(FAMILIES[family])
+def read_space_yaml(path: str | Path) -> dict:
+    """A space declaration; one line naming the file when it is not a YAML mapping."""
+    return read_yaml(str(path), "space")
 
 
 def family_module(family: str):
-    if family not in FAMILIES:
-        raise SpaceError(f"family: unknown '{family}'; allowed: {sorted(FAMILIES)}")
-    return _family_module(family)
+    return FAMILIES.get(family)
 
 
 def space_from_config(cfg: Mapping[str, Any], **overrides: Any) -> SearchSpace:
@@ -102,8 +86,6 @@ def load_space(name_or_path: str | Path, **overrides: Any) -> SearchSpace:
     text = str(name_or_path)
     path = Path(text)
     if text.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise SpaceError(f"space: file {text} does not exist")
         return space_from_config(read_space_yaml(path), **overrides)
     names = builtin_space_names()
     if text not in names:

@@ -4,39 +4,43 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from raynas.space import SearchSpace, load_space
 from raynas.space.loader import family_module
-from raynas.supernets.base import Block, Subnet, Supernet
+from raynas.supernets.base import Block, BuildOption, Subnet, Supernet
 
 
 def build_supernet(space: SearchSpace | str, **kwargs: Any) -> Supernet:
     """The supernet of a space (object, built-in name or YAML path).
 
-    Cross-family options: `hypernet={...}` generates the conv weights with a Kshot-Hypernet
-    (topology spaces), `mole={...}` adds TAS-LoRA experts and router (autoformer). The rest go to
-    the family's builder.
+    Cross-family options (each a `BuildOption` part, see `supernet_kwargs`): `hypernet={...}` generates
+    the conv weights with a Kshot-Hypernet (topology spaces), `mole={...}` adds TAS-LoRA experts and
+    router (autoformer). The rest go to the family's builder.
     """
     if not isinstance(space, SearchSpace):
         space = load_space(space)
     hypernet, mole = kwargs.pop("hypernet", None), kwargs.pop("mole", None)
     supernet = family_module(space.family).build_supernet(space, **kwargs)
     if hypernet not in (None, False):
-        from raynas.nn.hyper import attach_hypernet, validate_hypernet_config
+        from raynas.nn.hyper import validate_hypernet_config
+        from raynas.supernets.hypernet import attach_hypernet
 
         attach_hypernet(supernet, validate_hypernet_config(hypernet))
     if mole is not None:
-        from raynas.nn.lora import attach_mole
+        from raynas.supernets.mole import attach_mole
 
         supernet = attach_mole(supernet, mole)
     return supernet
 
 
-def supernet_kwargs(supernet) -> dict[str, Any]:
-    """The cross-family `build_supernet` options that rebuild `supernet` (stored in checkpoints)."""
-    from raynas.nn.hyper import hypernet_kwargs
-    from raynas.nn.lora import mole_kwargs
-
-    return {**hypernet_kwargs(supernet), **mole_kwargs(supernet)}
+def supernet_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The cross-family `build_supernet` options that rebuild `model` (stored in checkpoints)."""
+    options: dict[str, Any] = {}
+    for part in model.modules():
+        if isinstance(part, BuildOption):
+            options.update(part.build_option())
+    return options
 
 
 __all__ = ["Block", "Subnet", "Supernet", "build_supernet", "supernet_kwargs"]

@@ -30,7 +30,7 @@ from raynas.nn.dynamic import DynamicLayerNorm, DynamicLinear
 from raynas.space import Arch, SearchSpace
 from raynas.space.loader import COMMON_KEYS, check_keys, require
 from raynas.space.space import Dim, SpaceError
-from raynas.supernets.base import Block, Supernet
+from raynas.supernets.base import Block, Supernet, declared_fields
 
 FAMILY_KEYS = ("patch_size", "head_dim", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
                "global_pool")
@@ -166,15 +166,7 @@ def build_space(cfg: dict) -> AutoFormerSpace:
     dims = [Dim(embed_dim_name(), spec.embed_dims), Dim(depth_name(), spec.depths)]
     for i in range(spec.max_depth):
         dims += [Dim(heads_name(i), spec.num_heads), Dim(mlp_ratio_name(i), spec.mlp_ratios)]
-    space = AutoFormerSpace(
-        name=name,
-        family="autoformer",
-        dims=tuple(dims),
-        resolution=cfg.get("resolution", 224),
-        num_classes=cfg.get("num_classes", 1000),
-        in_channels=cfg.get("in_channels", 3),
-        config=dict(cfg),
-    )
+    space = AutoFormerSpace(dims=tuple(dims), **declared_fields(cfg))
     space.spec = spec
     return space
 

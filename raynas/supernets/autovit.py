@@ -18,26 +18,26 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from raynas.nn.layers import conv_out_size
 from raynas.space import Arch, SearchSpace
 from raynas.space.loader import COMMON_KEYS, check_keys, require
 from raynas.space.space import Dim, SpaceError
 from raynas.supernets.autovit_blocks import (
-    DynamicConvBnAct,
-    DynamicInvertedResidual,
     DynamicMBPoolHead,
     DynamicMobileVitBlock,
-    conv_out_size,
-    expanded_channels,
+    conv_bn_silu,
+    mbconv,
+    mbconv_choice,
     patch_size_for,
 )
-from raynas.supernets.base import Block, Supernet
+from raynas.supernets.base import Block, StageSpec, Supernet, declared_fields
 
 FAMILY_KEYS = ("patch_size", "head_dim", "kernel", "transition_expansion", "stem", "conv_stages",
                "transformer_stages", "num_transformer_stages", "head")
@@ -55,23 +55,19 @@ def mlp_hidden(width: int, mlp_ratio: float) -> int:
 
 # ---- declaration ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ConvStage:
-    name: str
-    widths: tuple[int, ...]
-    depths: tuple[int, ...]
-    expansions: tuple[float, ...]
-    kernels: tuple[int, ...]
-    stride: int
+class ConvStage(StageSpec):
+    """MBConv blocks; `name` prefixes the stage's dims."""
+
+    name: str = ""
 
 
 @dataclass(frozen=True)
-class TransformerStage:
-    name: str
-    widths: tuple[int, ...]
-    depths: tuple[int, ...]
-    heads: tuple[int, ...]
-    mlp_ratios: tuple[float, ...]
-    stride: int
+class TransformerStage(StageSpec):
+    """An MV2 transition and one MobileViT block of `depths` transformer layers."""
+
+    name: str = ""
+    heads: tuple[int, ...] = ()
+    mlp_ratios: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,34 +131,36 @@ def _stage_list(cfg: Mapping, key: str, where: str) -> list:
     return stages
 
 
+def _mbconv_choices(st: Mapping, w: str) -> dict:
+    return {"expansions": _choices(st.get("expansion", 1), f"{w}.expansion", "number"),
+            "kernels": _choices(st.get("kernel", 3), f"{w}.kernel", odd=True)}
+
+
+def _transformer_choices(st: Mapping, w: str) -> dict:
+    return {"heads": _choices(require(st, "heads", w), f"{w}.heads"),
+            "mlp_ratios": _choices(require(st, "mlp_ratios", w), f"{w}.mlp_ratios", "number", at_least=0.25)}
+
+
+def _stages(cfg: Mapping, key: str, keys: tuple[str, ...], where: str, seen: set, cls: type,
+            own_fields: Callable[[Mapping, str], dict]) -> tuple:
+    """The stages under `key`: the fields every stage has, plus `own_fields(stage, where)`."""
+    out = []
+    for i, st in enumerate(_stage_list(cfg, key, where)):
+        w = f"{where}.{key}[{i}]"
+        check_keys(st, keys, w)
+        out.append(cls(name=_stage_name(st, w, seen), widths=_choices(require(st, "widths", w), f"{w}.widths"),
+                       depths=_choices(require(st, "depths", w), f"{w}.depths"), **own_fields(st, w),
+                       stride=_one(require(st, "stride", w), f"{w}.stride", options=(1, 2))))
+    return tuple(out)
+
+
 def parse_spec(cfg: Mapping[str, Any], where: str) -> AutoVitSpec:
     stem = require(cfg, "stem", where, dict)
     check_keys(stem, STEM_KEYS, f"{where}.stem")
     seen: set[str] = set()
-    conv_stages = []
-    for i, st in enumerate(_stage_list(cfg, "conv_stages", where)):
-        w = f"{where}.conv_stages[{i}]"
-        check_keys(st, CONV_STAGE_KEYS, w)
-        conv_stages.append(ConvStage(
-            name=_stage_name(st, w, seen),
-            widths=_choices(require(st, "widths", w), f"{w}.widths"),
-            depths=_choices(require(st, "depths", w), f"{w}.depths"),
-            expansions=_choices(st.get("expansion", 1), f"{w}.expansion", "number"),
-            kernels=_choices(st.get("kernel", 3), f"{w}.kernel", odd=True),
-            stride=_one(require(st, "stride", w), f"{w}.stride", options=(1, 2)),
-        ))
-    transformer_stages = []
-    for i, st in enumerate(_stage_list(cfg, "transformer_stages", where)):
-        w = f"{where}.transformer_stages[{i}]"
-        check_keys(st, TRANSFORMER_STAGE_KEYS, w)
-        transformer_stages.append(TransformerStage(
-            name=_stage_name(st, w, seen),
-            widths=_choices(require(st, "widths", w), f"{w}.widths"),
-            depths=_choices(require(st, "depths", w), f"{w}.depths"),
-            heads=_choices(require(st, "heads", w), f"{w}.heads"),
-            mlp_ratios=_choices(require(st, "mlp_ratios", w), f"{w}.mlp_ratios", "number", at_least=0.25),
-            stride=_one(require(st, "stride", w), f"{w}.stride", options=(1, 2)),
-        ))
+    conv_stages = _stages(cfg, "conv_stages", CONV_STAGE_KEYS, where, seen, ConvStage, _mbconv_choices)
+    transformer_stages = _stages(cfg, "transformer_stages", TRANSFORMER_STAGE_KEYS, where, seen, TransformerStage,
+                                 _transformer_choices)
     n = len(transformer_stages)
     num_stages = _choices(cfg.get("num_transformer_stages", n), f"{where}.num_transformer_stages")
     if num_stages[-1] > n:
@@ -178,8 +176,8 @@ def parse_spec(cfg: Mapping[str, Any], where: str) -> AutoVitSpec:
         stem_widths=_choices(require(stem, "widths", f"{where}.stem"), f"{where}.stem.widths"),
         stem_kernel=_one(stem.get("kernel", 3), f"{where}.stem.kernel", odd=True),
         stem_stride=_one(stem.get("stride", 2), f"{where}.stem.stride", options=(1, 2)),
-        conv_stages=tuple(conv_stages),
-        transformer_stages=tuple(transformer_stages),
+        conv_stages=conv_stages,
+        transformer_stages=transformer_stages,
         num_stages=num_stages,
         head_widths=_choices(require(head, "widths", f"{where}.head"), f"{where}.head.widths"),
         head_expansion=(None if head.get("expansion") is None
@@ -249,15 +247,7 @@ def build_space(cfg: dict) -> AutoVitSpace:
         for field, choices in _transformer_fields(st):
             add(f"{st.name}.{field}", choices)
     add("head.width", spec.head_widths)
-    space = AutoVitSpace(
-        name=name,
-        family="autovit",
-        dims=tuple(dims),
-        resolution=cfg.get("resolution", 256),
-        num_classes=cfg.get("num_classes", 1000),
-        in_channels=cfg.get("in_channels", 3),
-        config=dict(cfg),
-    )
+    space = AutoVitSpace(dims=tuple(dims), **declared_fields(cfg, resolution=256))
     space.spec = spec
     return space
 
@@ -272,6 +262,9 @@ class ConvStep:
     expansion: float
     kernel: int
     stride: int
+
+    def choice(self, in_ch: int) -> dict:
+        return mbconv_choice(in_ch, self.out, self.expansion, self.stride)
 
 
 @dataclass(frozen=True)
@@ -307,21 +300,20 @@ class AutoVitSupernet(Supernet):
     def __init__(self, space: AutoVitSpace):
         super().__init__(space)
         spec = space.spec
-        self.stem = DynamicConvBnAct(space.in_channels, spec.stem_widths[-1], spec.stem_kernel, spec.stem_stride)
+        self.stem = conv_bn_silu(space.in_channels, spec.stem_widths[-1], spec.stem_kernel, spec.stem_stride)
         prev = spec.stem_widths[-1]
         stages = []
         for st in spec.conv_stages:
             blocks = []
             for j in range(st.depths[-1]):
-                blocks.append(DynamicInvertedResidual(prev if j == 0 else st.widths[-1], st.widths[-1],
-                                                      st.expansions[-1], st.kernels[-1], st.stride if j == 0 else 1))
+                blocks.append(mbconv(prev if j == 0 else st.widths[-1], st.widths[-1], st.expansions[-1],
+                                     st.kernels[-1], st.stride if j == 0 else 1))
             stages.append(nn.ModuleList(blocks))
             prev = st.widths[-1]
         self.conv_stages = nn.ModuleList(stages)
         transitions, vit_blocks = [], []
         for st in spec.transformer_stages:
-            transitions.append(DynamicInvertedResidual(prev, st.widths[-1], spec.transition_expansion, spec.kernel,
-                                                       st.stride))
+            transitions.append(mbconv(prev, st.widths[-1], spec.transition_expansion, spec.kernel, st.stride))
             vit_blocks.append(DynamicMobileVitBlock(
                 st.widths[-1], st.depths[-1], st.heads[-1], mlp_hidden(st.widths[-1], st.mlp_ratios[-1]),
                 spec.head_dim, spec.kernel, spec.patch_size))
@@ -342,7 +334,7 @@ class AutoVitSupernet(Supernet):
         for step in steps:
             module = self._module(step.where)
             if isinstance(step, ConvStep):
-                x = module(x, step.out, step.expansion, step.kernel)
+                x = module(x, step.out, kernel=step.kernel, **step.choice(x.shape[1]))
             else:
                 x = module(x, step.depth, step.heads, mlp_hidden(step.width, step.mlp_ratio))
         return self.head(x, head_width)
@@ -360,7 +352,7 @@ class AutoVitSupernet(Supernet):
             module, shape = self._module(step.where), (1, c, h, w)
             if isinstance(step, ConvStep):
                 key = f"mbconv:c{step.out},e{step.expansion:g},k{step.kernel},s{step.stride}@{c}x{h}x{w}"
-                out.append(Block(key, module.static(c, step.out, step.expansion, step.kernel), shape))
+                out.append(Block(key, module.static(c, step.out, kernel=step.kernel, **step.choice(c)), shape))
                 h, w = conv_out_size(h, step.kernel, step.stride), conv_out_size(w, step.kernel, step.stride)
                 c = step.out
             else:
@@ -378,51 +370,19 @@ class AutoVitSupernet(Supernet):
         spec = self.space.spec
         stem_width, steps, head_width = subnet_plan(self.space, arch)
         c, h, w = self.input_shape(1, resolution)[1:]
-        params = macs = 0
-
-        def conv(cin: int, cout: int, k: int, stride: int, groups: int = 1, bn: bool = True) -> None:
-            nonlocal params, macs, h, w
-            h, w = conv_out_size(h, k, stride), conv_out_size(w, k, stride)
-            params += cout * (cin // groups) * k * k + (2 * cout if bn else 0)
-            macs += cout * (cin // groups) * k * k * h * w
-
-        conv(c, stem_width, spec.stem_kernel, spec.stem_stride)
+        h, w = (conv_out_size(s, spec.stem_kernel, spec.stem_stride) for s in (h, w))
+        parts = [self.stem.cost(c, stem_width, spec.stem_kernel, (h, w))]
         c = stem_width
         for step in steps:
+            module = self._module(step.where)
             if isinstance(step, ConvStep):
-                mid = c
-                if step.expansion != 1:
-                    mid = expanded_channels(c, step.expansion)
-                    conv(c, mid, 1, 1)
-                conv(mid, mid, step.kernel, step.stride, groups=mid)
-                conv(mid, step.out, 1, 1)
+                parts.append(module.cost(c, step.out, step.choice(c)["hidden"], step.kernel, (h, w)))
+                h, w = conv_out_size(h, step.kernel, step.stride), conv_out_size(w, step.kernel, step.stride)
                 c = step.out
-                continue
-            tokens = h * w
-            p = patch_size_for(h, w, spec.patch_size)
-            n = tokens // (p * p)  # sequence length; p * p sequences
-            inner, hidden = step.heads * spec.head_dim, mlp_hidden(c, step.mlp_ratio)
-            conv(c, c, spec.kernel, 1)  # local representation
-            conv(c, c, 1, 1, bn=False)  # projection to the transformer width
-            per_layer_params = (4 * c  # two LayerNorms
-                                + c * 3 * inner + 3 * inner + inner * c + c  # qkv, proj
-                                + c * hidden + hidden + hidden * c + c)  # MLP
-            per_layer_macs = tokens * (c * 3 * inner + inner * c + 2 * c * hidden) \
-                + 2 * p * p * step.heads * n * n * spec.head_dim  # q @ k^T and attn @ v
-            params += step.depth * per_layer_params + 2 * c  # + final LayerNorm
-            macs += step.depth * per_layer_macs
-            conv(c, c, 1, 1)  # back-projection
-            conv(2 * c, c, spec.kernel, 1)  # fusion of concat(input, global features)
-        if spec.head_expansion is None:  # MobileViT head: 1x1 conv straight to the head width
-            conv(c, head_width, 1, 1)
-        else:  # NASViT MBPool: expand, pool, bias-free feature mix
-            mid = expanded_channels(c, spec.head_expansion)
-            conv(c, mid, 1, 1)
-            params += mid * head_width
-            macs += mid * head_width
-        params += head_width * self.space.num_classes + self.space.num_classes
-        macs += head_width * self.space.num_classes
-        return {"params": int(params), "macs": int(macs)}
+            else:
+                parts.append(module.cost(c, step.depth, step.heads, mlp_hidden(c, step.mlp_ratio), (h, w)))
+        parts.append(self.head.cost(c, head_width, (h, w)))
+        return {"params": sum(p for p, _ in parts), "macs": sum(m for _, m in parts)}
 
 
 def build_supernet(space: AutoVitSpace, **kwargs: Any) -> AutoVitSupernet:

@@ -1,8 +1,9 @@
 """Building blocks of the AutoViT supernet: elastic conv pieces, the MobileViT block and the MBPool head.
 
-Each dynamic block (`Dynamic*`) slices its largest weights per forward and has a `static(...)` method
-returning the plain-PyTorch twin (`ConvBnAct`-style `nn.Sequential`, `InvertedResidual`,
-`MobileVitBlock`, `MBPoolHead`) that holds copies of exactly the sliced weights. Both twins call the
+The conv units and MV2 blocks are the shared elastic layers of `raynas.nn.layers`; what is AutoViT's
+own is here. Each dynamic block (`Dynamic*`) slices its largest weights per forward and has a `static(...)`
+method returning the plain-PyTorch twin (`MobileVitBlock`, the MBPool head) that holds copies of exactly
+the sliced weights. Both twins call the
 same functional pieces (`unfold_patches`, `fold_patches`, `patch_size_for`, the shared attention), so
 a subnet leaving the supernet computes what the supernet computed.
 
@@ -22,14 +23,11 @@ from torch import nn
 
 from raynas.nn.attention import DynamicTransformerBlock
 from raynas.nn.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLayerNorm, DynamicLinear
+from raynas.nn.layers import DynamicConvNormAct, DynamicInvertedResidual, act_layer, add_costs, conv_cost
 
 # timm's Block default for ViTs; used by both the layers and the MobileViT block's final norm.
 LAYER_NORM_EPS = 1e-6
-
-
-def conv_out_size(size: int, kernel: int, stride: int) -> int:
-    """Spatial size after a 'same'-padded conv (padding kernel // 2), as DynamicConv2d pads."""
-    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+ACT = "silu"  # MobileViT's activation
 
 
 def expanded_channels(in_ch: int, expansion: float) -> int:
@@ -70,80 +68,22 @@ def fold_patches(x: torch.Tensor, patch: int, height: int, width: int) -> torch.
 
 
 # ---- conv pieces ----------------------------------------------------------------------------------
-class DynamicConvBnAct(nn.Module):
-    """Conv (no bias) -> BatchNorm -> optional SiLU (MobileViT's activation), all elastic."""
-
-    def __init__(self, max_in: int, max_out: int, kernel: int = 1, stride: int = 1,
-                 depthwise: bool = False, act: bool = True):
-        super().__init__()
-        self.conv = DynamicConv2d(max_in, max_out, kernel, stride, depthwise=depthwise)
-        self.bn = DynamicBatchNorm2d(max_out)
-        self.act = nn.SiLU() if act else None
-
-    def forward(self, x: torch.Tensor, out_channels: int | None = None, kernel: int | None = None):
-        x = self.bn(self.conv(x, out_channels, kernel))
-        return self.act(x) if self.act is not None else x
-
-    @torch.no_grad()
-    def static(self, in_ch: int, out_channels: int | None = None, kernel: int | None = None) -> nn.Sequential:
-        conv = self.conv.static(in_ch, out_channels, kernel)
-        layers = [conv, self.bn.static(conv.out_channels)]
-        if self.act is not None:
-            layers.append(nn.SiLU())
-        return nn.Sequential(*layers)
+def conv_bn_silu(max_in: int, max_out: int, kernel: int = 1, stride: int = 1) -> DynamicConvNormAct:
+    """MobileViT's conv unit: conv (no bias) -> BatchNorm -> SiLU."""
+    return DynamicConvNormAct(max_in, max_out, kernel, stride, act=ACT)
 
 
-class InvertedResidual(nn.Module):
-    """Static MobileNetV2 block: [1x1 expand] -> k x k depthwise -> 1x1 project, residual when shapes allow."""
-
-    def __init__(self, expand: nn.Module | None, depthwise: nn.Module, project: nn.Module, residual: bool):
-        super().__init__()
-        self.expand, self.depthwise, self.project = expand, depthwise, project
-        self.residual = residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.expand(x) if self.expand is not None else x
-        y = self.project(self.depthwise(y))
-        return x + y if self.residual else y
+def mbconv(max_in: int, max_out: int, max_expansion: float, max_kernel: int, stride: int) -> DynamicInvertedResidual:
+    """An MV2 block; expansion 1 has no expand conv (MobileNetV2's t = 1 block)."""
+    return DynamicInvertedResidual(max_in, max_out, expanded_channels(max_in, max_expansion), max_kernel, stride,
+                                   ACT, has_expand=max_expansion != 1)
 
 
-class DynamicInvertedResidual(nn.Module):
-    """Elastic MBConv: output width, expansion ratio and kernel size are chosen per forward.
-
-    Expansion 1 has no expand conv (MobileNetV2's t = 1 block). The residual is used when the stride
-    is 1 and the active input and output widths agree, so it depends on the sampled widths.
-    """
-
-    def __init__(self, max_in: int, max_out: int, max_expansion: float, max_kernel: int, stride: int):
-        super().__init__()
-        self.stride = stride
-        max_hidden = expanded_channels(max_in, max_expansion)
-        self.expand = DynamicConvBnAct(max_in, max_hidden, 1) if max_expansion != 1 else None
-        self.depthwise = DynamicConvBnAct(max(max_hidden, max_in), max(max_hidden, max_in), max_kernel,
-                                          stride, depthwise=True)
-        self.project = DynamicConvBnAct(max(max_hidden, max_in), max_out, 1, act=False)
-
-    def _hidden(self, in_ch: int, expansion: float) -> int | None:
-        if expansion == 1:
-            return None
-        if self.expand is None:
-            raise ValueError(f"DynamicInvertedResidual: expansion {expansion} not available")
-        return expanded_channels(in_ch, expansion)
-
-    def forward(self, x: torch.Tensor, out_channels: int, expansion: float, kernel: int) -> torch.Tensor:
-        hidden = self._hidden(x.shape[1], expansion)
-        y = self.expand(x, hidden) if hidden is not None else x
-        y = self.project(self.depthwise(y, kernel=kernel), out_channels)
-        return x + y if self.stride == 1 and x.shape[1] == out_channels else y
-
-    @torch.no_grad()
-    def static(self, in_ch: int, out_channels: int, expansion: float, kernel: int) -> InvertedResidual:
-        hidden = self._hidden(in_ch, expansion)
-        expand = self.expand.static(in_ch, hidden) if hidden is not None else None
-        mid = hidden if hidden is not None else in_ch
-        return InvertedResidual(expand, self.depthwise.static(mid, kernel=kernel),
-                                self.project.static(mid, out_channels),
-                                residual=self.stride == 1 and in_ch == out_channels)
+def mbconv_choice(in_ch: int, out_ch: int, expansion: float, stride: int) -> dict:
+    """The hidden width and residual of one MV2 choice: the residual is used when the stride is 1 and the
+    active input and output widths agree, so it depends on the sampled widths."""
+    return {"hidden": None if expansion == 1 else expanded_channels(in_ch, expansion),
+            "residual": stride == 1 and in_ch == out_ch}
 
 
 class DynamicFusionConv(nn.Module):
@@ -209,18 +149,18 @@ class DynamicMobileVitBlock(nn.Module):
     def __init__(self, max_ch: int, max_depth: int, max_heads: int, max_hidden: int, head_dim: int,
                  kernel: int, patch_size: int):
         super().__init__()
-        self.patch_size = patch_size
-        self.conv_kxk = DynamicConvBnAct(max_ch, max_ch, kernel)
+        self.patch_size, self.head_dim = patch_size, head_dim
+        self.conv_kxk = conv_bn_silu(max_ch, max_ch, kernel)
         self.conv_1x1 = DynamicConv2d(max_ch, max_ch, 1)
         self.layers = nn.ModuleList(
             DynamicTransformerBlock(max_ch, max_heads, max_hidden, head_dim, norm_eps=LAYER_NORM_EPS)
             for _ in range(max_depth)
         )
         self.norm = DynamicLayerNorm(max_ch, eps=LAYER_NORM_EPS)
-        self.conv_proj = DynamicConvBnAct(max_ch, max_ch, 1)
+        self.conv_proj = conv_bn_silu(max_ch, max_ch, 1)
         self.fusion = DynamicFusionConv(max_ch, kernel)
         self.fusion_bn = DynamicBatchNorm2d(max_ch)
-        self.fusion_act = nn.SiLU()
+        self.fusion_act = act_layer(ACT)
 
     def forward(self, x: torch.Tensor, depth: int, heads: int, hidden: int) -> torch.Tensor:
         c = x.shape[1]
@@ -234,10 +174,30 @@ class DynamicMobileVitBlock(nn.Module):
         y = self.conv_proj(fold_patches(self.norm(tokens), p, h, w), c)
         return self.fusion_act(self.fusion_bn(self.fusion(torch.cat((shortcut, y), dim=1))))
 
+    def cost(self, ch: int, depth: int, heads: int, hidden: int, hw: tuple[int, int]) -> tuple[int, int]:
+        """(params, MACs) of `static(ch, depth, heads, hidden)` on an `hw` map (the block keeps its size)."""
+        k, head_dim = self.fusion.kernel, self.head_dim
+        tokens = hw[0] * hw[1]
+        p = patch_size_for(hw[0], hw[1], self.patch_size)
+        n = tokens // (p * p)  # sequence length; p * p sequences
+        inner = heads * head_dim
+        per_layer_params = (4 * ch  # two LayerNorms
+                            + ch * 3 * inner + 3 * inner + inner * ch + ch  # qkv, proj
+                            + ch * hidden + hidden + hidden * ch + ch)  # MLP
+        per_layer_macs = tokens * (ch * 3 * inner + inner * ch + 2 * ch * hidden) \
+            + 2 * p * p * heads * n * n * head_dim  # q @ k^T and attn @ v
+        return add_costs(
+            conv_cost(ch, ch, k, hw),  # local representation
+            conv_cost(ch, ch, 1, hw, bn=False),  # projection to the transformer width
+            (depth * per_layer_params + 2 * ch, depth * per_layer_macs),  # + the final LayerNorm
+            conv_cost(ch, ch, 1, hw),  # back-projection
+            conv_cost(2 * ch, ch, k, hw),  # fusion of concat(input, global features)
+        )
+
     @torch.no_grad()
     def static(self, ch: int, depth: int, heads: int, hidden: int) -> MobileVitBlock:
         transformer = nn.Sequential(*(layer.static(ch, heads, hidden) for layer in self.layers[:depth]))
-        fusion = nn.Sequential(self.fusion.static(ch), self.fusion_bn.static(ch), nn.SiLU())
+        fusion = nn.Sequential(self.fusion.static(ch), self.fusion_bn.static(ch), act_layer(ACT))
         return MobileVitBlock(self.conv_kxk.static(ch, ch), self.conv_1x1.static(ch, ch), transformer,
                               self.norm.static(ch), self.conv_proj.static(ch, ch), fusion, self.patch_size)
 
@@ -256,13 +216,13 @@ class DynamicMBPoolHead(nn.Module):
         super().__init__()
         self.expansion = expansion
         if expansion is None:
-            self.expand = DynamicConvBnAct(max_in, max_width, 1)
+            self.expand = conv_bn_silu(max_in, max_width, 1)
             self.feature_mix = None
         else:
-            self.expand = DynamicConvBnAct(max_in, expanded_channels(max_in, expansion), 1)
+            self.expand = conv_bn_silu(max_in, expanded_channels(max_in, expansion), 1)
             self.feature_mix = DynamicLinear(expanded_channels(max_in, expansion), max_width, bias=False)
         self.classifier = DynamicLinear(max_width, num_classes)
-        self.act = nn.SiLU()
+        self.act = act_layer(ACT)
 
     def expanded(self, in_ch: int, width: int) -> int:
         return width if self.expansion is None else expanded_channels(in_ch, self.expansion)
@@ -273,12 +233,19 @@ class DynamicMBPoolHead(nn.Module):
             x = self.act(self.feature_mix(x, width))
         return self.classifier(x)
 
+    def cost(self, in_ch: int, width: int, hw: tuple[int, int]) -> tuple[int, int]:
+        mid = self.expanded(in_ch, width)
+        classes = self.classifier.max_out
+        mix = 0 if self.feature_mix is None else mid * width  # bias-free feature mix (NASViT MBPool)
+        expand = self.expand.cost(in_ch, mid, 1, hw)
+        return add_costs(expand, (mix + width * classes + classes, mix + width * classes))
+
     @torch.no_grad()
     def static(self, in_ch: int, width: int) -> nn.Sequential:
         mid = self.expanded(in_ch, width)
         layers = [self.expand.static(in_ch, mid), GlobalAvgPool()]
         if self.feature_mix is not None:
-            layers += [self.feature_mix.static(mid, width), nn.SiLU()]
+            layers += [self.feature_mix.static(mid, width), act_layer(ACT)]
         return nn.Sequential(*layers, self.classifier.static(width))
 
 

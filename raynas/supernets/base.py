@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -34,6 +36,29 @@ class Subnet(nn.Sequential):
         self.arch_json = arch.to_json()
         self.space_name = space_name
         self.block_keys = [b.key for b in blocks]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One row of a family's declared stage table: the stage's width and depth choices and, for a
+    convolutional stage, its kernel and expansion choices and the stride of its first block."""
+
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    kernels: tuple[int, ...] = ()
+    expansions: tuple[float, ...] = ()
+    stride: int = 1
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+
+def declared_fields(cfg: Mapping[str, Any], resolution: int = 224, num_classes: int = 1000) -> dict[str, Any]:
+    """The `SearchSpace` fields every family reads alike from a space declaration (family defaults given)."""
+    return {"name": cfg["name"], "family": cfg["family"], "resolution": cfg.get("resolution", resolution),
+            "num_classes": cfg.get("num_classes", num_classes), "in_channels": cfg.get("in_channels", 3),
+            "config": dict(cfg)}
 
 
 class Supernet(nn.Module):
@@ -68,8 +93,15 @@ class Supernet(nn.Module):
     def blocks(self, arch: Arch, resolution: int | None = None) -> list[Block]:  # pragma: no cover
         raise NotImplementedError
 
-    def cost(self, arch: Arch) -> dict[str, int]:  # pragma: no cover
+    def cost(self, arch: Arch, resolution: int | None = None) -> dict[str, int]:  # pragma: no cover
         raise NotImplementedError
+
+    def block_variants(self, resolution: int | None = None) -> list[Block]:
+        """Every distinct block of the space at `resolution`, when the family can list them cheaply.
+
+        A latency table profiles these instead of sampling subnets (raynas.hw.lut); [] means "sample".
+        """
+        return []
 
     @torch.no_grad()
     def extract(self, arch: Mapping[str, Any], resolution: int | None = None) -> Subnet:
@@ -77,3 +109,91 @@ class Supernet(nn.Module):
         subnet = Subnet(self.blocks(arch, resolution), arch, self.space.name)
         subnet.train(self.training)
         return subnet
+
+
+class BuildOption(ABC):
+    """A part that `build_supernet` adds on request (a Kshot-Hypernet, MoLE experts, a big/little pair).
+
+    `build_option()` is the `build_supernet` keyword argument that rebuilds it; checkpoints store the
+    options of every such part they hold, so `load_supernet` rebuilds the network before loading weights.
+    """
+
+    @abstractmethod
+    def build_option(self) -> dict[str, Any]: ...
+
+
+class Composite(ABC):
+    """A network of several supernets trained together (a big/little pair), checkpointed as one.
+
+    `deployable()` is the member whose subnets `raynas export` writes; `description` names the whole in
+    messages. Checkpoints record the member's place, so it loads without the composite's own code.
+    """
+
+    description: str
+
+    @abstractmethod
+    def deployable(self) -> Supernet: ...
+
+
+# fn(arch, or None for the teacher) -> {conv slot name: full-size weight}; slots left out keep stored weights.
+WeightGenerator = Callable[[Arch | None], Mapping[str, torch.Tensor]]
+
+
+NO_WEIGHTS: Mapping[str, torch.Tensor] = MappingProxyType({})
+
+
+def slot_weight(generated: Mapping[str, torch.Tensor], slot: str, stored: torch.Tensor) -> torch.Tensor:
+    """The weight of conv `slot`: the generated tensor when the generator supplied one, else the stored one."""
+    weight = generated.get(slot)
+    if weight is None:
+        return stored
+    if tuple(weight.shape) != tuple(stored.shape):
+        raise ValueError(f"weight generator: '{slot}' needs shape {tuple(stored.shape)}, got {tuple(weight.shape)}")
+    return weight
+
+
+class TopologySupernet(Supernet, ABC):
+    """A supernet of a topology space: each topology dimension picks one op among `op_names()`.
+
+    This is what FocusFair sampling and the Kshot-Hypernet need (seed 000). `arch_params` (beta) has
+    one row per topology dimension, one column per op.
+    """
+
+    arch_params: torch.nn.Parameter
+
+    @abstractmethod
+    def op_names(self) -> tuple[str, ...]:
+        """Columns of `arch_params`."""
+
+    @abstractmethod
+    def topology_dims(self) -> tuple[str, ...]:
+        """Arch fields holding an op choice: rows of `arch_params`, in execution order."""
+
+    def arch_weights(self, temperature: float = 1.0) -> torch.Tensor:
+        """softmax(beta / tau), (dims, ops): the teacher's op mixture at tau = 1, FocusFair's sampling
+        weights at tau ~ 1.5."""
+        return torch.softmax(self.arch_params / temperature, dim=-1)
+
+    @abstractmethod
+    def conv_slots(self) -> dict[str, nn.Module]:
+        """Every conv by slot name; its `weight.shape` is what a weight generator returns."""
+
+    @abstractmethod
+    def active_conv_slots(self, arch: Mapping[str, Any]) -> list[str]:
+        """Slot names of the convs the single-path subnet `arch` runs."""
+
+    def set_weight_generator(self, generator: WeightGenerator | None) -> None:
+        """Let `generator(arch)` supply conv weights by slot name (None: stored weights again).
+
+        An `nn.Module` generator is registered as the submodule `weight_generator`, so its parameters
+        train, move and checkpoint with the supernet.
+        """
+        self._modules.pop("weight_generator", None)
+        if isinstance(generator, nn.Module):
+            self.add_module("weight_generator", generator)
+        self.__dict__["_weight_generator"] = generator  # not an attribute nn.Module would register twice
+
+    def generated_weights(self, arch: Arch | None) -> Mapping[str, torch.Tensor]:
+        """The generator's weights for `arch` (None: the teacher), once per forward or extraction."""
+        generator = self.__dict__.get("_weight_generator")
+        return NO_WEIGHTS if generator is None else generator(arch)

@@ -27,23 +27,20 @@ import torch
 from torch import nn
 
 from raynas.nn.dynamic import make_divisible
+from raynas.nn.layers import DynamicInvertedResidual, conv_out_size
 from raynas.space import Arch, Dim, SearchSpace, SpaceError, check_keys, require
 from raynas.space.loader import COMMON_KEYS
-from raynas.supernets.base import Block, Supernet
+from raynas.supernets.base import Block, StageSpec, Supernet, declared_fields
 from raynas.supernets.mbv3_blocks import (
     ACTIVATIONS,
     BlockPlan,
     DynamicHead,
-    DynamicInvertedResidual,
     DynamicStem,
     HeadPlan,
     InputResize,
     StemPlan,
     block_cost,
-    conv_out,
-    head_cost,
     resize_input,
-    stem_cost,
 )
 
 FAMILY_KEYS = ("resolution_choices", "width_choices", "depth_choices", "kernel_choices", "expand_choices",
@@ -56,14 +53,15 @@ HEAD_KEYS = ("expand", "features", "act", "dropout")
 
 # ---- declared structure --------------------------------------------------------------------------
 @dataclass(frozen=True)
-class StageSpec:
-    channels: int
-    stride: int
-    act: str
-    se: bool
-    depths: tuple[int, ...]
-    kernels: tuple[int, ...]
-    expands: tuple[int, ...]
+class MBV3Stage(StageSpec):
+    """A stage at its declared width (`widths` holds that one value; the width multiplier scales it)."""
+
+    act: str = "relu"
+    se: bool = False
+
+    @property
+    def channels(self) -> int:
+        return self.widths[0]
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ class MBV3Structure:
     first_expand: int
     first_act: str
     first_se: bool
-    stages: tuple[StageSpec, ...]
+    stages: tuple[MBV3Stage, ...]
     head_expand: int
     head_features: int
     head_act: str
@@ -187,14 +185,14 @@ def parse_structure(cfg: Mapping[str, Any], where: str) -> MBV3Structure:
             raise SpaceError(f"{w}: expected a mapping with keys {list(STAGE_KEYS)}")
         check_keys(st, STAGE_KEYS, w)
         se = require(st, "se", w, bool)
-        stages.append(StageSpec(
-            channels=_positive_int(st, "channels", w), stride=_stride(st, "stride", w), act=_act(st, "act", w),
+        stages.append(MBV3Stage(
+            widths=(_positive_int(st, "channels", w),), stride=_stride(st, "stride", w), act=_act(st, "act", w),
             se=se,
             depths=_int_choices(st, "depth_choices", w, "positive integers") if "depth_choices" in st else depths,
             kernels=(_int_choices(st, "kernel_choices", w, "odd positive integers", odd=True)
                      if "kernel_choices" in st else kernels),
-            expands=(_int_choices(st, "expand_choices", w, "positive integers")
-                     if "expand_choices" in st else expands),
+            expansions=(_int_choices(st, "expand_choices", w, "positive integers")
+                        if "expand_choices" in st else expands),
         ))
     dropout = require(head, "dropout", f"{where}.head", (int, float)) if "dropout" in head else 0.0
     if not 0 <= dropout < 1:
@@ -250,14 +248,14 @@ class MBV3Space(SearchSpace):
             depth = values[stage_dim(s, "depth")]
             for j in range(depth, max(st.depths)):
                 values[stage_dim(s, "kernel", j)] = st.kernels[0]
-                values[stage_dim(s, "expand", j)] = st.expands[0]
+                values[stage_dim(s, "expand", j)] = st.expansions[0]
         return values
 
     def cardinality(self) -> int:
         """Exact number of distinct networks (after canonicalisation)."""
         total = len(set(self._width_rep.values())) * self.dim("resolution").size
         for st in self.structure.stages:
-            per_block = len(st.kernels) * len(st.expands)
+            per_block = len(st.kernels) * len(st.expansions)
             total *= sum(per_block**d for d in st.depths)
         return total
 
@@ -277,10 +275,8 @@ def build_space(cfg: dict) -> MBV3Space:
         dims.append(Dim(stage_dim(s, "depth"), st.depths))
         for j in range(max(st.depths)):
             dims.append(Dim(stage_dim(s, "kernel", j), st.kernels))
-            dims.append(Dim(stage_dim(s, "expand", j), st.expands))
-    return MBV3Space(name=name, family="mbv3", dims=tuple(dims), resolution=resolution,
-                     num_classes=cfg.get("num_classes", 1000), in_channels=cfg.get("in_channels", 3),
-                     config=dict(cfg), structure=structure)
+            dims.append(Dim(stage_dim(s, "expand", j), st.expansions))
+    return MBV3Space(dims=tuple(dims), structure=structure, **declared_fields(cfg, resolution=resolution))
 
 
 # ---- the supernet --------------------------------------------------------------------------------
@@ -301,8 +297,7 @@ class MBV3Supernet(Supernet):
 
     def __init__(self, space: MBV3Space, dropout: float | None = None):
         super().__init__(space)
-        st = space.structure
-        self.structure = st
+        self.structure = st = space.structure
         # Every layer is allocated at its widest over all width choices; narrower ones slice it.
         ws = [st.widths_at(w) for w in space.dim("width").choices]
         stem_ch, first_ch = [w.stem for w in ws], [w.first for w in ws]
@@ -314,7 +309,7 @@ class MBV3Supernet(Supernet):
         for s, spec in enumerate(st.stages):
             out_ch = [w.stages[s] for w in ws]
             stages.append(nn.ModuleList(
-                _elastic_block(st, in_ch if j == 0 else out_ch, out_ch, spec.expands, spec.kernels,
+                _elastic_block(st, in_ch if j == 0 else out_ch, out_ch, spec.expansions, spec.kernels,
                                spec.stride if j == 0 else 1, spec.se, spec.act)
                 for j in range(max(spec.depths))))
             slots += [(s, j) for j in range(max(spec.depths))]
@@ -337,7 +332,7 @@ class MBV3Supernet(Supernet):
         input_res = resolution or self.space.resolution
         run_res = self.arch_resolution(arch, resolution)
         ch = st.widths_at(arch["width"])
-        hw = conv_out(run_res, st.stem_stride)
+        hw = conv_out_size(run_res, st.stem_kernel, st.stem_stride)
         first_hidden = ch.stem * st.first_expand
         first = BlockPlan(ch.stem, ch.first, st.first_expand, st.first_kernel, 1,
                           st.se_mid(first_hidden) if st.first_se else 0, st.first_act,
@@ -353,7 +348,7 @@ class MBV3Supernet(Supernet):
                     stride = spec.stride if j == 0 else 1
                     p = BlockPlan(in_ch, out_ch, expand, arch[stage_dim(s, "kernel", j)], stride,
                                   st.se_mid(in_ch * expand) if spec.se else 0, spec.act,
-                                  j > 0 or st.stage_residual_first(s), hw, has_expand=max(spec.expands) > 1)
+                                  j > 0 or st.stage_residual_first(s), hw, has_expand=max(spec.expansions) > 1)
                     slots.append(slot)
                     blocks.append(p)
                     in_ch, hw = out_ch, p.out_hw
@@ -382,7 +377,7 @@ class MBV3Supernet(Supernet):
         plan = self.plan(self._arch(arch))
         for i, p in self._range(plan, start, end):
             s, j = self.slots[i]
-            h = self.stages[s][j](h, p)
+            h = self.stages[s][j](h, **p.choice())
         return h
 
     def forward_head(self, h: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
@@ -406,7 +401,7 @@ class MBV3Supernet(Supernet):
             pieces.append(Block(plan.stem.key, self.stem.static(plan.stem), (1, c, plan.run_res, plan.run_res)))
         for i, p in self._range(plan, start, end):
             s, j = self.slots[i]
-            pieces.append(Block(p.key, self.stages[s][j].static(p), (1, p.in_ch, p.in_hw, p.in_hw)))
+            pieces.append(Block(p.key, self.stages[s][j].static(p.in_ch, **p.choice()), (1, p.in_ch, p.in_hw, p.in_hw)))
         if head:
             h = plan.head
             pieces.append(Block(h.key, self.head.static(h), (1, h.in_ch, h.in_hw, h.in_hw)))
@@ -418,19 +413,20 @@ class MBV3Supernet(Supernet):
              start: int = 0, end: int | None = None, head: bool = True) -> dict[str, int]:
         """Exact params and MACs of `blocks(...)` of the same arguments, without building them."""
         plan = self.plan(arch, resolution)
-        parts = [block_cost(p) for _, p in self._range(plan, start, end)]
+        parts = [block_cost(self.stages[s][j], p)
+                 for (s, j), p in ((self.slots[i], p) for i, p in self._range(plan, start, end))]
         if stem:
-            parts.append(stem_cost(plan.stem))
+            parts.append(self.stem.cost(plan.stem))
         if head:
-            parts.append(head_cost(plan.head))
+            parts.append(self.head.cost(plan.head))
         return {"params": sum(p for p, _ in parts), "macs": sum(m for _, m in parts)}
 
 
 def _elastic_block(st: MBV3Structure, in_ch: list[int], out_ch: list[int], expands: tuple[int, ...],
                    kernels: tuple[int, ...], stride: int, se: bool, act: str) -> DynamicInvertedResidual:
     hidden = [c * e for c in in_ch for e in expands]
-    return DynamicInvertedResidual(max(in_ch), max(out_ch), max(hidden), max(kernels), stride,
-                                   max(st.se_mid(h) for h in hidden) if se else 0, act, max(expands) > 1)
+    return DynamicInvertedResidual(max(in_ch), max(out_ch), max(hidden), max(kernels), stride, act,
+                                   max(st.se_mid(h) for h in hidden) if se else 0, has_expand=max(expands) > 1)
 
 
 def build_supernet(space: SearchSpace, **kwargs: Any) -> MBV3Supernet:

@@ -18,7 +18,7 @@ arch-conditioned weights (Kshot-Hypernet) for any of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +27,9 @@ from torch import nn
 
 from raynas.space import Arch, Dim, SearchSpace, SpaceError, check_keys, require
 from raynas.space.loader import COMMON_KEYS
-from raynas.supernets.base import Block, Supernet
+from raynas.supernets.base import Block, TopologySupernet, declared_fields
 from raynas.supernets.nb201_ops import (
     CONV_KERNELS,
-    NO_WEIGHTS,
     OP_COST_RANK,
     OP_NAMES,
     Head,
@@ -41,9 +40,6 @@ from raynas.supernets.nb201_ops import (
 )
 
 FAMILY_KEYS = ("channels", "cells_per_stage", "nodes", "ops")
-
-# fn(arch or None for the teacher) -> {conv slot name: weight tensor}; missing names use stored weights.
-WeightGenerator = Callable[[Arch | None], Mapping[str, torch.Tensor]]
 
 
 def edge_name(to: int, src: int) -> str:
@@ -187,15 +183,13 @@ def build_space(cfg: dict) -> NB201Space:
         raise SpaceError(f"{where}.ops: expected distinct ops including at least one besides 'none' "
                          f"(allowed: {list(OP_NAMES)}), got {ops!r}")
     dims = tuple(Dim(edge_name(j, i), tuple(ops)) for j in range(1, nodes) for i in range(j))
-    space = NB201Space(name=name, family=cfg["family"], dims=dims, resolution=cfg.get("resolution", 32),
-                       num_classes=cfg.get("num_classes", 10), in_channels=cfg.get("in_channels", 3),
-                       config=dict(cfg), channels=tuple(channels), cells_per_stage=cells, num_nodes=nodes,
-                       ops=tuple(ops))
+    space = NB201Space(dims=dims, channels=tuple(channels), cells_per_stage=cells, num_nodes=nodes, ops=tuple(ops),
+                       **declared_fields(cfg, resolution=32, num_classes=10))
     space._check_resolution(space.resolution)
     return space
 
 
-class NB201Supernet(Supernet):
+class NB201Supernet(TopologySupernet):
     """All 15,625 NAS-Bench-201 networks in one module (see the module docstring)."""
 
     space: NB201Space
@@ -222,18 +216,16 @@ class NB201Supernet(Supernet):
         for qualname, module in self.named_modules():
             if isinstance(module, WeightSlotConv2d):
                 module.slot_name = qualname
-        self._weight_generator: WeightGenerator | None = None
 
-    # ---- introspection for samplers and weight generators -------------------------------------
+    # ---- the topology interface (FocusFair, Kshot-Hypernet) ----------------------------------
     def op_names(self) -> tuple[str, ...]:
         return self.space.ops
 
-    def edge_names(self) -> tuple[str, ...]:
+    def topology_dims(self) -> tuple[str, ...]:
         return self.space.edge_names
 
-    def arch_weights(self, temperature: float = 1.0) -> torch.Tensor:
-        """softmax(beta / T) per edge, shape (edges, ops); FocusFair samples from it with T ~ 1.5."""
-        return torch.softmax(self.arch_params / temperature, dim=-1)
+    def edge_names(self) -> tuple[str, ...]:
+        return self.space.edge_names
 
     def conv_slots(self) -> dict[str, WeightSlotConv2d]:
         """Every conv of the supernet by slot name; `module.weight.shape` is what a generator must return."""
@@ -250,30 +242,13 @@ class NB201Supernet(Supernet):
                 active.update(f"cells.{i}.edges.{e}.{op}.conv" for e, op in cell_convs)
         return [name for name in slots if name in active]
 
-    def set_weight_generator(self, fn: WeightGenerator | None) -> None:
-        """Let `fn(arch)` (arch None = teacher) supply conv weights by slot name for each forward and
-        extraction; names it leaves out keep the stored weights. An `nn.Module` generator is registered
-        as the submodule `weight_generator`, so its parameters train and checkpoint with the supernet."""
-        self._modules.pop("weight_generator", None)
-        self._weight_generator = None
-        if isinstance(fn, nn.Module):
-            self.weight_generator = fn  # registered (not stored twice: `_weight_generator` stays None)
-        elif fn is not None:
-            self._weight_generator = fn
-
-    def _generated(self, arch: Arch | None) -> Mapping[str, torch.Tensor]:
-        fn = self._modules.get("weight_generator")
-        if fn is None:
-            fn = self._weight_generator
-        return NO_WEIGHTS if fn is None else fn(arch)
-
     # ---- protocol ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
         arch = self.as_arch(arch)
         step = 2 ** (len(self.space.channels) - 1)
         if x.shape[-1] % step or x.shape[-2] % step:
             raise ValueError(f"nb201: input {tuple(x.shape)}: height and width must be multiples of {step}")
-        weights = self._generated(arch)
+        weights = self.generated_weights(arch)
         x = self.stem(x, weights)
         alphas = self.arch_weights() if arch is None else None
         cell = None if arch is None else self.space.cell_ops(arch)
@@ -291,7 +266,7 @@ class NB201Supernet(Supernet):
         arch = self.space.validate(arch)
         r = resolution or self.space.resolution
         self.space._check_resolution(r)
-        weights = self._generated(arch)
+        weights = self.generated_weights(arch)
         cell = self.space.cell_ops(arch)
         cell_str = self.space.arch_str(arch)
         c = self.space.channels[0]

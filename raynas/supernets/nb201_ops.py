@@ -15,19 +15,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from raynas.supernets.base import NO_WEIGHTS, slot_weight
 
 # Operation names as the benchmark spells them (its arch strings use these), in its canonical order.
 OP_NAMES = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 CONV_KERNELS = {"nor_conv_1x1": 1, "nor_conv_3x3": 3}
 # Cheapest first: decides the smallest and largest cell (sandwich rule) for any subset of the ops.
 OP_COST_RANK = ("none", "skip_connect", "avg_pool_3x3", "nor_conv_1x1", "nor_conv_3x3")
-
-NO_WEIGHTS: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 class WeightSlotConv2d(nn.Module):
@@ -46,13 +45,7 @@ class WeightSlotConv2d(nn.Module):
         self.slot_name = ""
 
     def resolve(self, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
-        w = weights.get(self.slot_name)
-        if w is None:
-            return self.weight
-        if tuple(w.shape) != tuple(self.weight.shape):
-            raise ValueError(f"weight for conv '{self.slot_name}': shape {tuple(w.shape)}, "
-                             f"expected {tuple(self.weight.shape)}")
-        return w
+        return slot_weight(weights, self.slot_name, self.weight)
 
     def forward(self, x: torch.Tensor, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
         return F.conv2d(x, self.resolve(weights), None, self.stride, self.padding)

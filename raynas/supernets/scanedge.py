@@ -14,7 +14,7 @@ attention embedding (embedN sits between stageN and stageN+1, the paper's number
 
 `blocks(arch)` cuts a subnet into stem, embeddings, each MHSA, each FFN and the head. A piece's key
 is its kind at its stage plus input shape and choices, never its index inside the stage, so the
-latency table of a space has exactly the paper's "#n" entries per row (`block_variants`).
+latency table of a space has exactly the paper's "#n" entries per row (`piece_variants`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from raynas.nn.layers import conv_out_size
 from raynas.space import Arch, SearchSpace
 from raynas.space.loader import COMMON_KEYS, check_keys, require
 from raynas.space.space import Dim, SpaceError
-from raynas.supernets.base import Block, Supernet
+from raynas.supernets.base import Block, StageSpec, Supernet, declared_fields
 from raynas.supernets.scanedge_blocks import (
     DynamicAttentionEmbedding,
     DynamicConvEmbedding,
@@ -39,7 +40,6 @@ from raynas.supernets.scanedge_blocks import (
     DynamicHead,
     DynamicMHSA,
     DynamicStem,
-    conv_out,
     ffn_hidden,
 )
 
@@ -69,15 +69,13 @@ class EmbedSpec:
 
 
 @dataclass(frozen=True)
-class StageSpec:
-    widths: tuple[int, ...]
-    depths: tuple[int, ...]
-    ffns: tuple[str, ...]
-    expansions: tuple[float, ...]
-    kernels: tuple[int, ...]
-    acts: tuple[str, ...]
-    embed: EmbedSpec | None
-    mhsa: MhsaSpec | None
+class ScanEdgeStage(StageSpec):
+    """A stage: FFN types and activations searched per block, an optional embedding in front and MHSA."""
+
+    ffns: tuple[str, ...] = ()
+    acts: tuple[str, ...] = ()
+    embed: EmbedSpec | None = None
+    mhsa: MhsaSpec | None = None
 
     @property
     def max_hidden(self) -> int:
@@ -88,7 +86,7 @@ class StageSpec:
 class ScanEdgeSpec:
     stem_kernel: int
     stem_acts: tuple[str, ...]
-    stages: tuple[StageSpec, ...]
+    stages: tuple[ScanEdgeStage, ...]
     heads: int
     key_dim: int
     downsample_key_dim: int
@@ -155,7 +153,7 @@ def _mapping(cfg, key: str, where: str) -> dict | None:
     return require(cfg, key, where, dict)
 
 
-def _parse_stage(cfg: Any, where: str, first: bool) -> StageSpec:
+def _parse_stage(cfg: Any, where: str, first: bool) -> ScanEdgeStage:
     if not isinstance(cfg, dict):
         raise SpaceError(f"{where}: expected a mapping with fields {list(STAGE_KEYS)}")
     check_keys(cfg, STAGE_KEYS, where)
@@ -187,7 +185,7 @@ def _parse_stage(cfg: Any, where: str, first: bool) -> StageSpec:
         if stride not in (1, 2) or isinstance(stride, bool):
             raise SpaceError(f"{w}.stride: {stride!r} is not allowed; allowed: [1, 2]")
         mhsa = MhsaSpec(_numbers(mhsa_cfg, "expansion", w), _names(mhsa_cfg, "act", w, ACT_ORDER), stride)
-    return StageSpec(
+    return ScanEdgeStage(
         widths=_widths(cfg, where),
         depths=_numbers(cfg, "depth", where),
         ffns=_names(cfg, "ffn", where, FFN_ORDER),
@@ -250,7 +248,7 @@ def block_dim(i: int, j: int, field: str) -> str:
     return f"{stage_name(i)}.b{j}.{field}"
 
 
-def block_fields(stage: StageSpec) -> list[tuple[str, tuple]]:
+def block_fields(stage: ScanEdgeStage) -> list[tuple[str, tuple]]:
     """(field, choices) of one block of `stage`; `mhsa` 0 means no MHSA in front of the FFN."""
     fields = [("ffn", stage.ffns), ("expansion", stage.expansions), ("kernel", stage.kernels),
               ("act", stage.acts)]
@@ -308,9 +306,7 @@ def build_space(cfg: dict) -> ScanEdgeSpace:
     where = f"space {name}"
     check_keys(cfg, COMMON_KEYS + FAMILY_KEYS, where)
     spec = parse_spec(cfg, where)
-    space = ScanEdgeSpace(name=name, family="scanedge", dims=tuple(_dims(spec)),
-                          resolution=cfg.get("resolution", 224), num_classes=cfg.get("num_classes", 1000),
-                          in_channels=cfg.get("in_channels", 3), config=dict(cfg))
+    space = ScanEdgeSpace(dims=tuple(_dims(spec)), **declared_fields(cfg))
     space.spec = spec
     return space
 
@@ -344,7 +340,7 @@ class ScanEdgeSupernet(Supernet):
     def __init__(self, space: ScanEdgeSpace):
         super().__init__(space)
         spec = space.spec
-        res = conv_out(conv_out(spec.bias_resolution, spec.stem_kernel, 2), spec.stem_kernel, 2)
+        res = conv_out_size(conv_out_size(spec.bias_resolution, spec.stem_kernel, 2), spec.stem_kernel, 2)
         self.stem = DynamicStem(space.in_channels, spec.stages[0].widths[-1], spec.stem_kernel)
         self.embeds = nn.ModuleDict()
         self.stages = nn.ModuleList()
@@ -358,13 +354,13 @@ class ScanEdgeSupernet(Supernet):
                 else:
                     self.embeds[embed_name(i)] = DynamicAttentionEmbedding(
                         prev_width, width, e.kernel, spec.heads, spec.downsample_key_dim, e.expansions[-1], res)
-                res = conv_out(res, e.kernel, 2)
+                res = conv_out_size(res, e.kernel, 2)
             blocks = nn.ModuleList()
             for _ in range(stage.depths[-1]):
                 block = nn.Module()
                 if stage.mhsa is not None:
                     m = stage.mhsa
-                    table = conv_out(res, 3, m.stride) if m.stride > 1 else res
+                    table = conv_out_size(res, 3, m.stride) if m.stride > 1 else res
                     block.mhsa = DynamicMHSA(width, spec.heads, spec.key_dim, m.expansions[-1], m.stride, table,
                                              spec.layer_scale_init)
                 block.ffn = DynamicDualFFN(stage.ffns, width, stage.max_hidden, stage.kernels[-1],
@@ -427,10 +423,15 @@ class ScanEdgeSupernet(Supernet):
             params, macs = params + p_params, macs + p_macs
         return {"params": params, "macs": macs}
 
-    def block_variants(self, resolution: int | None = None) -> dict[str, tuple[nn.Module, dict, tuple]]:
+    @torch.no_grad()
+    def block_variants(self, resolution: int | None = None) -> list[Block]:
+        return [Block(key, module.static(shape, **choices), (1, *shape))
+                for key, (module, choices, shape) in self.piece_variants(resolution).items()]
+
+    def piece_variants(self, resolution: int | None = None) -> dict[str, tuple[nn.Module, dict, tuple]]:
         """Every distinct piece of the space at `resolution`: key -> (dynamic module, choices, in shape).
 
-        This is what a per-block latency table must profile (build one with
+        This is what a per-block latency table must profile (`block_variants` builds each with
         `module.static(in_shape, **choices)`); the counts per row equal Table 5's "#n" column.
         """
         r = resolution or self.space.resolution

@@ -34,54 +34,16 @@ from timm.layers import LayerScale2d
 from torch import nn
 
 from raynas.nn.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear
+from raynas.nn.layers import DynamicConvNormAct, act_fn, act_layer, add_costs, conv_cost, conv_out_size
 
 Shape = tuple[int, int, int]  # (C, H, W) at batch 1
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
-FUNCTIONAL_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # nn.GELU() is the exact (erf) GELU too
-
-
-def conv_out(size: int, kernel: int, stride: int) -> int:
-    """Output length of a conv with 'same'-style padding (kernel - 1) // 2."""
-    return (size + 2 * ((kernel - 1) // 2) - kernel) // stride + 1
-
-
-def conv_bn_cost(cin: int, cout: int, kernel: int, out_hw: tuple[int, int], depthwise: bool = False,
-                 bias: bool = True, bn: bool = True) -> tuple[int, int]:
-    per_out = (1 if depthwise else cin) * kernel * kernel
-    params = cout * per_out + (cout if bias else 0) + (2 * cout if bn else 0)
-    return params, cout * per_out * out_hw[0] * out_hw[1]
-
-
-def _add(*costs: tuple[int, int]) -> tuple[int, int]:
-    return sum(c[0] for c in costs), sum(c[1] for c in costs)
-
 
 # ---- shared elementary pieces ----------------------------------------------------------------------
-class DynamicConvNorm(nn.Module):
-    """EfficientFormerV2's ConvNorm (conv with bias, then BatchNorm), elastic in width and kernel."""
-
-    def __init__(self, max_in: int, max_out: int, max_kernel: int = 1, stride: int = 1,
-                 depthwise: bool = False):
-        super().__init__()
-        self.conv = DynamicConv2d(max_in, max_out, max_kernel, stride, depthwise=depthwise, bias=True)
-        self.bn = DynamicBatchNorm2d(max_out)
-
-    def forward(self, x: torch.Tensor, out: int | None = None, kernel: int | None = None) -> torch.Tensor:
-        return self.bn(self.conv(x, out, kernel))
-
-    def static(self, cin: int, out: int | None = None, kernel: int | None = None,
-               act: str | None = None) -> nn.Sequential:
-        conv = self.conv.static(cin, out, kernel)
-        layers = OrderedDict(conv=conv, bn=self.bn.static(conv.out_channels))
-        if act is not None:
-            layers["act"] = ACTIVATIONS[act]()
-        return nn.Sequential(layers)
-
-    def cost(self, cin: int, out: int | None, kernel: int | None, out_hw: tuple[int, int]) -> tuple[int, int]:
-        depthwise = self.conv.depthwise
-        cout = cin if depthwise else (out or self.conv.max_out)
-        return conv_bn_cost(cin, cout, kernel or self.conv.max_kernel, out_hw, depthwise)
+def conv_norm(max_in: int, max_out: int, max_kernel: int = 1, stride: int = 1,
+              depthwise: bool = False) -> DynamicConvNormAct:
+    """EfficientFormerV2's ConvNorm: conv with bias, then BatchNorm (the activation is searched: per call)."""
+    return DynamicConvNormAct(max_in, max_out, max_kernel, stride, depthwise=depthwise, bias=True)
 
 
 class DynamicLayerScale2d(nn.Module):
@@ -120,25 +82,24 @@ class DynamicStem(nn.Module):
     def __init__(self, in_ch: int, max_width: int, kernel: int):
         super().__init__()
         self.kernel = kernel
-        self.conv1 = DynamicConvNorm(in_ch, max_width // 2, kernel, stride=2)
-        self.conv2 = DynamicConvNorm(max_width // 2, max_width, kernel, stride=2)
+        self.conv1 = conv_norm(in_ch, max_width // 2, kernel, stride=2)
+        self.conv2 = conv_norm(max_width // 2, max_width, kernel, stride=2)
 
     def forward(self, x: torch.Tensor, width: int, act: str) -> torch.Tensor:
-        f = FUNCTIONAL_ACTIVATIONS[act]
-        return f(self.conv2(f(self.conv1(x, width // 2)), width))
+        return self.conv2(self.conv1(x, width // 2, act=act), width, act=act)
 
     def static(self, shape: Shape, width: int, act: str) -> nn.Module:
         return nn.Sequential(OrderedDict(conv1=self.conv1.static(shape[0], width // 2, act=act),
                                          conv2=self.conv2.static(width // 2, width, act=act)))
 
     def out_shape(self, shape: Shape, width: int, act: str) -> Shape:
-        h, w = (conv_out(conv_out(s, self.kernel, 2), self.kernel, 2) for s in shape[1:])
+        h, w = (conv_out_size(conv_out_size(s, self.kernel, 2), self.kernel, 2) for s in shape[1:])
         return width, h, w
 
     def cost(self, shape: Shape, width: int, act: str) -> tuple[int, int]:
-        hw1 = tuple(conv_out(s, self.kernel, 2) for s in shape[1:])
+        hw1 = tuple(conv_out_size(s, self.kernel, 2) for s in shape[1:])
         _, h, w = self.out_shape(shape, width, act)
-        return _add(self.conv1.cost(shape[0], width // 2, self.kernel, hw1),
+        return add_costs(self.conv1.cost(shape[0], width // 2, self.kernel, hw1),
                     self.conv2.cost(width // 2, width, self.kernel, (h, w)))
 
 
@@ -148,7 +109,7 @@ class DynamicConvEmbedding(nn.Module):
     def __init__(self, max_in: int, max_out: int, kernel: int):
         super().__init__()
         self.kernel = kernel
-        self.conv = DynamicConvNorm(max_in, max_out, kernel, stride=2)
+        self.conv = conv_norm(max_in, max_out, kernel, stride=2)
 
     def forward(self, x: torch.Tensor, width: int) -> torch.Tensor:
         return self.conv(x, width)
@@ -157,7 +118,7 @@ class DynamicConvEmbedding(nn.Module):
         return self.conv.static(shape[0], width)
 
     def out_shape(self, shape: Shape, width: int) -> Shape:
-        return (width, *(conv_out(s, self.kernel, 2) for s in shape[1:]))
+        return (width, *(conv_out_size(s, self.kernel, 2) for s in shape[1:]))
 
     def cost(self, shape: Shape, width: int) -> tuple[int, int]:
         return self.conv.cost(shape[0], width, self.kernel, self.out_shape(shape, width)[1:])
@@ -174,14 +135,13 @@ class DynamicUnifiedFFN(nn.Module):
 
     def __init__(self, max_dim: int, max_hidden: int, max_kernel: int, ls_init: float):
         super().__init__()
-        self.fc1 = DynamicConvNorm(max_dim, max_hidden, 1)
-        self.mid = DynamicConvNorm(max_hidden, max_hidden, max_kernel, depthwise=True)
-        self.fc2 = DynamicConvNorm(max_hidden, max_dim, 1)
+        self.fc1 = conv_norm(max_dim, max_hidden, 1)
+        self.mid = conv_norm(max_hidden, max_hidden, max_kernel, depthwise=True)
+        self.fc2 = conv_norm(max_hidden, max_dim, 1)
         self.ls = DynamicLayerScale2d(max_dim, ls_init)
 
     def forward(self, x: torch.Tensor, hidden: int, kernel: int, act: str) -> torch.Tensor:
-        f = FUNCTIONAL_ACTIVATIONS[act]
-        y = f(self.mid(f(self.fc1(x, hidden)), kernel=kernel))
+        y = self.mid(self.fc1(x, hidden, act=act), kernel=kernel, act=act)
         return self.ls(self.fc2(y, x.shape[1]))
 
     def static(self, dim: int, hidden: int, kernel: int, act: str) -> nn.Module:
@@ -193,7 +153,7 @@ class DynamicUnifiedFFN(nn.Module):
         ))
 
     def cost(self, dim: int, hw: tuple[int, int], hidden: int, kernel: int) -> tuple[int, int]:
-        return _add(self.fc1.cost(dim, hidden, 1, hw), self.mid.cost(hidden, None, kernel, hw),
+        return add_costs(self.fc1.cost(dim, hidden, 1, hw), self.mid.cost(hidden, None, kernel, hw),
                     self.fc2.cost(hidden, dim, 1, hw), (dim, 0))
 
 
@@ -202,12 +162,12 @@ class DynamicFusedFFN(nn.Module):
 
     def __init__(self, max_dim: int, max_hidden: int, max_kernel: int, ls_init: float):
         super().__init__()
-        self.fc1 = DynamicConvNorm(max_dim, max_hidden, max_kernel)
-        self.fc2 = DynamicConvNorm(max_hidden, max_dim, 1)
+        self.fc1 = conv_norm(max_dim, max_hidden, max_kernel)
+        self.fc2 = conv_norm(max_hidden, max_dim, 1)
         self.ls = DynamicLayerScale2d(max_dim, ls_init)
 
     def forward(self, x: torch.Tensor, hidden: int, kernel: int, act: str) -> torch.Tensor:
-        y = FUNCTIONAL_ACTIVATIONS[act](self.fc1(x, hidden, kernel))
+        y = self.fc1(x, hidden, kernel, act=act)
         return self.ls(self.fc2(y, x.shape[1]))
 
     def static(self, dim: int, hidden: int, kernel: int, act: str) -> nn.Module:
@@ -218,7 +178,7 @@ class DynamicFusedFFN(nn.Module):
         ))
 
     def cost(self, dim: int, hw: tuple[int, int], hidden: int, kernel: int) -> tuple[int, int]:
-        return _add(self.fc1.cost(dim, hidden, kernel, hw), self.fc2.cost(hidden, dim, 1, hw), (dim, 0))
+        return add_costs(self.fc1.cost(dim, hidden, kernel, hw), self.fc2.cost(hidden, dim, 1, hw), (dim, 0))
 
 
 FFN_TYPES = {"unified": DynamicUnifiedFFN, "fused": DynamicFusedFFN}
@@ -302,7 +262,7 @@ class Attention4d(nn.Module):
         self.stride_conv = parts["stride_conv"]
         self.q, self.k, self.v, self.v_local = parts["q"], parts["k"], parts["v"], parts["v_local"]
         self.talking_head1, self.talking_head2 = parts["talking_head1"], parts["talking_head2"]
-        self.act, self.proj = ACTIVATIONS[act](), parts["proj"]
+        self.act, self.proj = act_layer(act), parts["proj"]
         self.heads, self.key_dim = heads, key_dim
         self.attention_biases = nn.Parameter(table.detach().clone())
         self.register_buffer("attention_bias_idxs", index, persistent=False)
@@ -331,20 +291,20 @@ class DynamicMHSA(nn.Module):
         super().__init__()
         self.heads, self.key_dim, self.stride = heads, key_dim, stride
         qk, v_max = heads * key_dim, heads * key_dim * max_expansion
-        self.stride_conv = DynamicConvNorm(max_dim, max_dim, 3, stride, depthwise=True) if stride > 1 else None
-        self.q = DynamicConvNorm(max_dim, qk)
-        self.k = DynamicConvNorm(max_dim, qk)
-        self.v = DynamicConvNorm(max_dim, v_max)
-        self.v_local = DynamicConvNorm(v_max, v_max, 3, depthwise=True)
+        self.stride_conv = conv_norm(max_dim, max_dim, 3, stride, depthwise=True) if stride > 1 else None
+        self.q = conv_norm(max_dim, qk)
+        self.k = conv_norm(max_dim, qk)
+        self.v = conv_norm(max_dim, v_max)
+        self.v_local = conv_norm(v_max, v_max, 3, depthwise=True)
         self.talking_head1 = nn.Conv2d(heads, heads, 1)
         self.talking_head2 = nn.Conv2d(heads, heads, 1)
-        self.proj = DynamicConvNorm(v_max, max_dim)
+        self.proj = conv_norm(v_max, max_dim)
         self.ls = DynamicLayerScale2d(max_dim, ls_init)
         self.attention_biases = nn.Parameter(torch.zeros(heads, table_size, table_size))
         self._index_cache: dict[tuple, torch.Tensor] = {}
 
     def _grid(self, hw: tuple[int, int]) -> tuple[int, int]:
-        return tuple(conv_out(s, 3, self.stride) for s in hw) if self.stride > 1 else tuple(hw)
+        return tuple(conv_out_size(s, 3, self.stride) for s in hw) if self.stride > 1 else tuple(hw)
 
     def _index(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         key = (grid, str(device))
@@ -364,7 +324,7 @@ class DynamicMHSA(nn.Module):
         out = out + self.v_local(v)
         if self.stride_conv is not None:
             out = F.interpolate(out, size=x.shape[2:], mode="bilinear", align_corners=False)
-        return x + self.ls(self.proj(FUNCTIONAL_ACTIVATIONS[act](out), x.shape[1]))
+        return x + self.ls(self.proj(act_fn(act)(out), x.shape[1]))
 
     @torch.no_grad()
     def static(self, shape: Shape, expansion: int, act: str) -> nn.Module:
@@ -399,7 +359,7 @@ class DynamicMHSA(nn.Module):
         ]
         if self.stride_conv is not None:
             parts.append(self.stride_conv.cost(dim, None, 3, grid))
-        return _add(*parts)
+        return add_costs(*parts)
 
 
 class Attention4dDownsample(nn.Module):
@@ -410,7 +370,7 @@ class Attention4dDownsample(nn.Module):
         super().__init__()
         self.q_local, self.q_pool, self.q_proj = parts["q_local"], nn.AvgPool2d(1, 2, 0), parts["q_proj"]
         self.k, self.v, self.v_local = parts["k"], parts["v"], parts["v_local"]
-        self.act, self.proj = ACTIVATIONS[act](), parts["proj"]
+        self.act, self.proj = act_layer(act), parts["proj"]
         self.heads, self.key_dim = heads, key_dim
         self.attention_biases = nn.Parameter(table.detach().clone())
         self.register_buffer("attention_bias_idxs", index, persistent=False)
@@ -446,13 +406,13 @@ class DynamicAttentionEmbedding(nn.Module):
         super().__init__()
         self.kernel, self.heads, self.key_dim = kernel, heads, key_dim
         qk, v_max = heads * key_dim, heads * key_dim * max_expansion
-        self.conv = DynamicConvNorm(max_in, max_out, kernel, stride=2)
+        self.conv = conv_norm(max_in, max_out, kernel, stride=2)
         self.q_local = DynamicConv2d(max_in, max_in, 3, stride=2, depthwise=True, bias=True)
-        self.q_proj = DynamicConvNorm(max_in, qk)
-        self.k = DynamicConvNorm(max_in, qk)
-        self.v = DynamicConvNorm(max_in, v_max)
-        self.v_local = DynamicConvNorm(v_max, v_max, 3, stride=2, depthwise=True)
-        self.proj = DynamicConvNorm(v_max, max_out)
+        self.q_proj = conv_norm(max_in, qk)
+        self.k = conv_norm(max_in, qk)
+        self.v = conv_norm(max_in, v_max)
+        self.v_local = conv_norm(v_max, v_max, 3, stride=2, depthwise=True)
+        self.proj = conv_norm(v_max, max_out)
         self.attention_biases = nn.Parameter(torch.zeros(heads, table_size, table_size))
         self._index_cache: dict[tuple, torch.Tensor] = {}
 
@@ -470,13 +430,13 @@ class DynamicAttentionEmbedding(nn.Module):
         bias = _bias_table(self.attention_biases, k_grid)[:, self._index(q_grid, k_grid, x.device)]
         v = self.v(x, v_ch)
         out = attend(q, self.k(x), v, bias, self.heads, self.key_dim) + self.v_local(v)
-        return self.proj(FUNCTIONAL_ACTIVATIONS[act](out), width) + self.conv(x, width)
+        return self.proj(act_fn(act)(out), width) + self.conv(x, width)
 
     @torch.no_grad()
     def static(self, shape: Shape, width: int, expansion: int, act: str) -> nn.Module:
         dim, v_ch = shape[0], self.heads * self.key_dim * expansion
         k_grid = tuple(shape[1:])
-        q_grid = tuple(conv_out(s, 3, 2) for s in k_grid)
+        q_grid = tuple(conv_out_size(s, 3, 2) for s in k_grid)
         parts = {
             "q_local": self.q_local.static(dim), "q_proj": self.q_proj.static(dim), "k": self.k.static(dim),
             "v": self.v.static(dim, v_ch), "v_local": self.v_local.static(v_ch),
@@ -489,17 +449,17 @@ class DynamicAttentionEmbedding(nn.Module):
         return AttentionEmbedding(self.conv.static(dim, width), attn)
 
     def out_shape(self, shape: Shape, width: int, **_) -> Shape:
-        return (width, *(conv_out(s, self.kernel, 2) for s in shape[1:]))
+        return (width, *(conv_out_size(s, self.kernel, 2) for s in shape[1:]))
 
     def cost(self, shape: Shape, width: int, expansion: int, act: str) -> tuple[int, int]:
         dim, k_grid = shape[0], shape[1:]
         qk, v_ch = self.heads * self.key_dim, self.heads * self.key_dim * expansion
-        q_grid = tuple(conv_out(s, 3, 2) for s in k_grid)
+        q_grid = tuple(conv_out_size(s, 3, 2) for s in k_grid)
         nq, nk = q_grid[0] * q_grid[1], k_grid[0] * k_grid[1]
         th, tw = active_table_hw(self.attention_biases, k_grid)
-        return _add(
+        return add_costs(
             self.conv.cost(dim, width, self.kernel, self.out_shape(shape, width)[1:]),
-            conv_bn_cost(dim, dim, 3, q_grid, depthwise=True, bn=False),  # q_local
+            conv_cost(dim, dim, 3, q_grid, depthwise=True, bias=True, bn=False),  # q_local
             self.q_proj.cost(dim, qk, 1, q_grid), self.k.cost(dim, qk, 1, k_grid),
             self.v.cost(dim, v_ch, 1, k_grid), self.v_local.cost(v_ch, None, 3, q_grid),
             (0, self.heads * nq * nk * (self.key_dim + v_ch // self.heads)),
@@ -515,6 +475,13 @@ def _copy_conv(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 # ---- head ----------------------------------------------------------------------------------------
+def classify(x: torch.Tensor, norm: nn.Module, fc: nn.Module, fc_dist: nn.Module | None) -> torch.Tensor:
+    """Norm, global average pool, linear; with a distillation linear the two are averaged (timm). The
+    dynamic head and its static twin both run this."""
+    x = norm(x).mean(dim=(2, 3))
+    return fc(x) if fc_dist is None else (fc(x) + fc_dist(x)) / 2
+
+
 class ClassifierHead(nn.Module):
     """BatchNorm, global average pool, linear; with a distillation linear the two are averaged (timm)."""
 
@@ -523,13 +490,12 @@ class ClassifierHead(nn.Module):
         self.norm, self.fc, self.fc_dist = norm, fc, fc_dist
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x).mean(dim=(2, 3))
-        if self.fc_dist is None:
-            return self.fc(x)
-        return (self.fc(x) + self.fc_dist(x)) / 2
+        return classify(x, self.norm, self.fc, self.fc_dist)
 
 
 class DynamicHead(nn.Module):
+    """The classifier head, elastic in its input width."""
+
     def __init__(self, max_dim: int, num_classes: int, distillation: bool):
         super().__init__()
         self.num_classes = num_classes
@@ -538,10 +504,7 @@ class DynamicHead(nn.Module):
         self.fc_dist = DynamicLinear(max_dim, num_classes) if distillation else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x).mean(dim=(2, 3))
-        if self.fc_dist is None:
-            return self.fc(x)
-        return (self.fc(x) + self.fc_dist(x)) / 2
+        return classify(x, self.norm, self.fc, self.fc_dist)
 
     def static(self, shape: Shape) -> nn.Module:
         dim = shape[0]

@@ -12,7 +12,7 @@ Arch fields: `stage{s}.channels`, `stage{s}.depth`, `stage{s}.b{i}.op`, `stage{s
 The supernet holds separate weights per op at every block position (ops are distinct candidates
 of a topology space), each weight-entangled across channels, kernels and expansion. `forward(x, None)`
 is the seed's teacher: every block position mixes all ops with softmax(`arch_params`) (DARTS eq. 5)
-at the largest size choices. Every conv weight is read through `conv_weight(slot, generated)`, so a
+at the largest size choices. Every conv weight is read through `slot_weight(generated, slot, stored)`, so a
 hypernetwork (Kshot-Hypernet) set with `set_weight_generator` can supply any of them; the contract is
 the one of the `nb201` supernet (generator(arch) -> {conv slot name: full-size weight}).
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,43 +29,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from raynas.nn.dynamic import DynamicConv2d, make_divisible
+from raynas.nn.layers import DynamicConvNormAct, act_fn, act_layer
 from raynas.space import Arch, Dim, SearchSpace, SpaceError, check_keys, require
 from raynas.space.loader import COMMON_KEYS
-from raynas.supernets.base import Block, Supernet
+from raynas.supernets.base import Block, StageSpec, TopologySupernet, WeightGenerator, declared_fields, slot_weight
 from raynas.supernets.uib_blocks import (
     ACTIVATIONS,
     OP_NAMES,
-    ElasticConvBN,
     ElasticUIB,
     StaticHead,
     op_has_mid_dw,
     op_has_start_dw,
+    unit_cost,
 )
 
 FAMILY_KEYS = ("stem", "ops", "stages", "head", "activation", "named_archs")
 STAGE_KEYS = ("channels", "depth", "kernels", "expand", "stride")
 HEAD_KEYS = ("channels", "hidden", "dropout", "activation")
 
-# A hypernetwork hook, as in `nb201`: fn(arch, or None for the teacher) -> {conv slot name: full-size
-# weight}; called once per forward / extraction; slots it leaves out keep their stored weights.
-WeightGenerator = Callable[[Arch | None], Mapping[str, torch.Tensor]]
-NO_WEIGHTS: Mapping[str, torch.Tensor] = MappingProxyType({})
-
 
 # ---- declaration -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StageSpec:
-    channels: tuple[int, ...]
-    depths: tuple[int, ...]
-    kernels: tuple[int, ...]
-    expands: tuple[float, ...]
-    stride: int
-
-    @property
-    def max_depth(self) -> int:
-        return self.depths[-1]
-
-
 @dataclass(frozen=True)
 class UIBSpec:
     stem_channels: int
@@ -116,10 +98,10 @@ def _parse_stage(cfg: Any, where: str) -> StageSpec:
     if len(set(expands)) != len(expands):
         raise SpaceError(f"{where}.expand: duplicate choices in {expands!r}")
     return StageSpec(
-        channels=_positive_ints(cfg, "channels", where),
+        widths=_positive_ints(cfg, "channels", where),
         depths=_positive_ints(cfg, "depth", where),
         kernels=_positive_ints(cfg, "kernels", where, odd=True),
-        expands=tuple(sorted(expands)),
+        expansions=tuple(sorted(expands)),
         stride=_positive_int(cfg, "stride", where),
     )
 
@@ -176,23 +158,21 @@ class NamedArch:
 class UIBSpace(SearchSpace):
     """The UIB space: structural spec + flat dims; canonicalises unused and inactive block fields."""
 
-    def __init__(self, name: str, spec: UIBSpec, resolution: int, num_classes: int, in_channels: int,
-                 config: dict):
+    def __init__(self, spec: UIBSpec, **fields: Any):
         self.spec = spec
-        super().__init__(name=name, family="uib", dims=self._build_dims(spec), resolution=resolution,
-                         num_classes=num_classes, in_channels=in_channels, config=config)
+        super().__init__(dims=self._build_dims(spec), **fields)
         self.named_archs: dict[str, NamedArch] = {}
 
     @staticmethod
     def _build_dims(spec: UIBSpec) -> tuple[Dim, ...]:
         dims = []
         for s, st in enumerate(spec.stages):
-            dims += [Dim(stage_field(s, "channels"), st.channels), Dim(stage_field(s, "depth"), st.depths)]
+            dims += [Dim(stage_field(s, "channels"), st.widths), Dim(stage_field(s, "depth"), st.depths)]
             for i in range(st.max_depth):
                 dims += [Dim(block_field(s, i, "op"), spec.ops), Dim(block_field(s, i, "k1"), st.kernels),
                          Dim(block_field(s, i, "k2"), st.kernels)]
-                if len(st.expands) > 1:  # a fixed expansion is no decision: keep archs and encodings short
-                    dims.append(Dim(block_field(s, i, "expand"), st.expands))
+                if len(st.expansions) > 1:  # a fixed expansion is no decision: keep archs and encodings short
+                    dims.append(Dim(block_field(s, i, "expand"), st.expansions))
         return tuple(dims)
 
     # The op dims, one per block position in execution order: rows of the supernet's `arch_params`.
@@ -212,8 +192,8 @@ class UIBSpace(SearchSpace):
                 op_f, k1_f, k2_f = (block_field(s, i, f) for f in ("op", "k1", "k2"))
                 if i >= depth:
                     values[op_f] = self.spec.ops[0]
-                    if len(st.expands) > 1:
-                        values[block_field(s, i, "expand")] = st.expands[0]
+                    if len(st.expansions) > 1:
+                        values[block_field(s, i, "expand")] = st.expansions[0]
                 op = values[op_f]
                 if i >= depth or not op_has_start_dw(op):
                     values[k1_f] = st.kernels[0]
@@ -221,17 +201,17 @@ class UIBSpace(SearchSpace):
                     values[k2_f] = st.kernels[0]
         return values
 
-    def block_variants(self, s: int) -> int:
+    def block_configurations(self, s: int) -> int:
         """Distinct configurations of one active block of stage `s` (op x its kernels x expansion)."""
         k = len(self.spec.stages[s].kernels)
         per_op = {"ffn": 1, "convnext": k, "ib": k, "extra_dw": k * k}
-        return sum(per_op[o] for o in self.spec.ops) * len(self.spec.stages[s].expands)
+        return sum(per_op[o] for o in self.spec.ops) * len(self.spec.stages[s].expansions)
 
     def log10_cardinality(self) -> float:
         total = 1
         for s, st in enumerate(self.spec.stages):
-            v = self.block_variants(s)
-            total *= len(st.channels) * sum(v**d for d in st.depths)
+            v = self.block_configurations(s)
+            total *= len(st.widths) * sum(v**d for d in st.depths)
         return math.log10(total)
 
     def stage_blocks(self, arch: Arch, s: int) -> list[dict[str, Any]]:
@@ -240,7 +220,7 @@ class UIBSpace(SearchSpace):
         return [
             {"op": arch[block_field(s, i, "op")], "k1": arch[block_field(s, i, "k1")],
              "k2": arch[block_field(s, i, "k2")],
-             "expand": arch[block_field(s, i, "expand")] if len(st.expands) > 1 else st.expands[0]}
+             "expand": arch[block_field(s, i, "expand")] if len(st.expansions) > 1 else st.expansions[0]}
             for i in range(arch[stage_field(s, "depth")])
         ]
 
@@ -276,10 +256,10 @@ class UIBSpace(SearchSpace):
                 values[block_field(s, i, "op")] = op
                 values[block_field(s, i, "k1")] = b.get("k1", st.kernels[0])
                 values[block_field(s, i, "k2")] = b.get("k2", st.kernels[0])
-                if len(st.expands) > 1:
-                    values[block_field(s, i, "expand")] = b.get("expand", st.expands[0])
-                elif b.get("expand", st.expands[0]) != st.expands[0]:
-                    raise SpaceError(f"{bw}.expand: stage {s + 1} has the fixed expansion {st.expands[0]}")
+                if len(st.expansions) > 1:
+                    values[block_field(s, i, "expand")] = b.get("expand", st.expansions[0])
+                elif b.get("expand", st.expansions[0]) != st.expansions[0]:
+                    raise SpaceError(f"{bw}.expand: stage {s + 1} has the fixed expansion {st.expansions[0]}")
         try:
             return self.validate(values)
         except SpaceError as exc:
@@ -310,8 +290,7 @@ def build_space(cfg: dict) -> UIBSpace:
     name = require(cfg, "name", "space", str)
     where = f"space {name}"
     spec = parse_spec(cfg, where)
-    space = UIBSpace(name, spec, resolution=cfg.get("resolution", 224), num_classes=cfg.get("num_classes", 1000),
-                     in_channels=cfg.get("in_channels", 3), config=dict(cfg))
+    space = UIBSpace(spec, **declared_fields(cfg))
     space.named_archs = _parse_named_archs(space, cfg.get("named_archs"), f"{where}.named_archs")
     return space
 
@@ -330,31 +309,30 @@ class BlockChoice:
     expand: float
 
 
-class UIBSupernet(Supernet):
+class UIBSupernet(TopologySupernet):
     """Weight-entangled UIB supernet with a softmax(beta) op-mixture teacher and a weight-generator hook."""
 
     def __init__(self, space: UIBSpace, weight_generator: WeightGenerator | None = None):
         super().__init__(space)
-        spec = space.spec
-        self.spec = spec
-        self.stem = ElasticConvBN(space.in_channels, spec.stem_channels, spec.stem_kernel, spec.stem_stride,
-                                  False, spec.activation)
+        self.spec = spec = space.spec
+        self.stem = DynamicConvNormAct(space.in_channels, spec.stem_channels, spec.stem_kernel, spec.stem_stride,
+                                       act=spec.activation)
         self.stages = nn.ModuleList()
         in_choices: tuple[int, ...] = (spec.stem_channels,)
         for st in spec.stages:
             positions = nn.ModuleList()
             for i in range(st.max_depth):
-                ins = in_choices if i == 0 else st.channels
-                max_mid = max(make_divisible(c * e) for c in ins for e in st.expands)
+                ins = in_choices if i == 0 else st.widths
+                max_mid = max(make_divisible(c * e) for c in ins for e in st.expansions)
                 stride = st.stride if i == 0 else 1
                 positions.append(nn.ModuleDict({
-                    op: ElasticUIB(op, max(ins), max(st.channels), max_mid, max(st.kernels), stride,
+                    op: ElasticUIB(op, max(ins), max(st.widths), max_mid, max(st.kernels), stride,
                                    spec.activation)
                     for op in spec.ops
                 }))
             self.stages.append(positions)
-            in_choices = st.channels
-        self.head_conv = ElasticConvBN(max(in_choices), spec.head_channels, 1, 1, False, spec.head_activation)
+            in_choices = st.widths
+        self.head_conv = DynamicConvNormAct(max(in_choices), spec.head_channels, 1, act=spec.head_activation)
         self.head_fc = nn.Linear(spec.head_channels, spec.head_hidden)
         self.classifier = nn.Linear(spec.head_hidden, space.num_classes)
         # DARTS-style architecture parameters beta: one row per block position, one column per op.
@@ -366,26 +344,17 @@ class UIBSupernet(Supernet):
             if isinstance(module, DynamicConv2d):
                 module.slot_name = qualname
                 self._convs[qualname] = module
-        self.__dict__["_weight_generator"] = None
         if weight_generator is not None:
             self.set_weight_generator(weight_generator)
 
-    # ---- topology interface for samplers (FocusFair) and hypernetworks ---------------------------
+    # ---- the topology interface (FocusFair, Kshot-Hypernet) --------------------------------------
     def op_names(self) -> tuple[str, ...]:
-        """Columns of `arch_params`, in size order."""
-        return self.spec.ops
+        return self.spec.ops  # in size order
 
     def topology_dims(self) -> tuple[str, ...]:
-        """Arch fields holding each block position's op: rows of `arch_params`, in execution order."""
         return self.space.topology_dims
 
-    def arch_weights(self, temperature: float = 1.0) -> torch.Tensor:
-        """softmax(beta / tau) per block position, (positions, ops): the teacher's mixture at tau = 1,
-        FocusFair's sampling weights at tau ~ 1.5."""
-        return F.softmax(self.arch_params / temperature, dim=-1)
-
     def conv_slots(self) -> dict[str, DynamicConv2d]:
-        """Every conv by slot name; `weight.shape` (the largest choice) is what a generator returns."""
         return dict(self._convs)
 
     def active_conv_slots(self, arch: Mapping[str, Any]) -> list[str]:
@@ -393,36 +362,9 @@ class UIBSupernet(Supernet):
         prefixes = tuple(f"stages.{b.stage}.{b.index}.{b.op}." for b in self.active_blocks(self.as_arch(arch)))
         return [n for n in self._convs if not n.startswith("stages.") or n.startswith(prefixes)]
 
-    def set_weight_generator(self, generator: WeightGenerator | None) -> None:
-        """Let `generator(arch)` supply conv weights by slot name (None: stored weights again).
-
-        An `nn.Module` generator is registered as the submodule `weight_generator`, so its parameters
-        train, move and checkpoint with the supernet.
-        """
-        if "weight_generator" in self._modules:
-            del self._modules["weight_generator"]
-        if isinstance(generator, nn.Module):
-            self.add_module("weight_generator", generator)
-        self.__dict__["_weight_generator"] = generator
-
-    def generated_weights(self, arch: Arch | None) -> Mapping[str, torch.Tensor]:
-        generator = self.__dict__["_weight_generator"]
-        return NO_WEIGHTS if generator is None else generator(arch)
-
-    def conv_weight(self, slot: str, generated: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
-        """The single place conv weights come from: the generated tensor for `slot`, else the stored one."""
-        conv = self._convs[slot]
-        weight = generated.get(slot)
-        if weight is None:
-            return conv.weight
-        if tuple(weight.shape) != tuple(conv.weight.shape):
-            raise ValueError(f"weight generator: '{slot}' needs shape {tuple(conv.weight.shape)}, "
-                             f"got {tuple(weight.shape)}")
-        return weight
-
     def _fetch(self, arch: Arch | None) -> Callable[[DynamicConv2d], torch.Tensor]:
         generated = self.generated_weights(arch)
-        return lambda conv: self.conv_weight(conv.slot_name, generated)
+        return lambda conv: slot_weight(generated, conv.slot_name, conv.weight)
 
     # ---- arch -> active blocks -------------------------------------------------------------------
     def active_blocks(self, arch: Arch) -> list[BlockChoice]:
@@ -440,7 +382,7 @@ class UIBSupernet(Supernet):
     def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
         arch = self.as_arch(arch)
         fetch = self._fetch(arch)
-        x = self.stem(x, fetch(self.stem.conv), self.spec.stem_channels, self.spec.stem_kernel)
+        x = self.stem(x, self.spec.stem_channels, self.spec.stem_kernel, weight=fetch(self.stem.conv))
         if arch is None:
             x = self._mixture(x, fetch)
         else:
@@ -454,18 +396,18 @@ class UIBSupernet(Supernet):
         weights = self.arch_weights()
         row = 0
         for st, positions in zip(self.spec.stages, self.stages):
-            out_ch, k = max(st.channels), max(st.kernels)
+            out_ch, k = max(st.widths), max(st.kernels)
             for ops in positions:
-                mid = make_divisible(x.shape[1] * max(st.expands))
+                mid = make_divisible(x.shape[1] * max(st.expansions))
                 outs = [ops[op](x, out_ch, mid, k, k, fetch) for op in self.spec.ops]
                 x = sum(weights[row, j] * y for j, y in enumerate(outs))
                 row += 1
         return x
 
     def _head(self, x: torch.Tensor, fetch) -> torch.Tensor:
-        x = self.head_conv(x, fetch(self.head_conv.conv), self.spec.head_channels, 1)
+        x = self.head_conv(x, self.spec.head_channels, 1, weight=fetch(self.head_conv.conv))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        x = ACTIVATIONS[self.spec.head_activation][0](self.head_fc(x))
+        x = act_fn(self.spec.head_activation)(self.head_fc(x))
         x = F.dropout(x, self.spec.head_dropout, self.training)
         return self.classifier(x)
 
@@ -478,8 +420,8 @@ class UIBSupernet(Supernet):
         spec = self.spec
         pieces = [Block(
             f"uib.stem:{spec.activation}:k{spec.stem_kernel}s{spec.stem_stride}:{c}x{h}x{w}->{spec.stem_channels}",
-            self.stem.static(c, fetch(self.stem.conv), spec.stem_channels, spec.stem_kernel), (1, c, h, w))]
-        _, _, h, w = self.stem.cost(c, spec.stem_channels, spec.stem_kernel, h, w)
+            self.stem.static(c, spec.stem_channels, spec.stem_kernel, weight=fetch(self.stem.conv)), (1, c, h, w))]
+        _, _, h, w = unit_cost(self.stem, c, spec.stem_channels, spec.stem_kernel, h, w)
         c = spec.stem_channels
         for b in self.active_blocks(arch):
             block, mid = self._block(b), make_divisible(c * b.expand)
@@ -490,8 +432,8 @@ class UIBSupernet(Supernet):
             _, _, h, w = block.cost(c, b.out_ch, mid, b.k1, b.k2, h, w)
             c = b.out_ch
         head = StaticHead(
-            self.head_conv.static(c, fetch(self.head_conv.conv), spec.head_channels, 1),
-            _copy_linear(self.head_fc), ACTIVATIONS[spec.head_activation][1](), spec.head_dropout,
+            self.head_conv.static(c, spec.head_channels, 1, weight=fetch(self.head_conv.conv)),
+            _copy_linear(self.head_fc), act_layer(spec.head_activation), spec.head_dropout,
             _copy_linear(self.classifier))
         key = (f"uib.head:{spec.head_activation}:{c}x{h}x{w}->{spec.head_channels}->{spec.head_hidden}"
                f"->{self.space.num_classes}")
@@ -503,13 +445,13 @@ class UIBSupernet(Supernet):
         arch = self.as_arch(arch)
         spec = self.spec
         _, c, h, w = self.input_shape(1, resolution)
-        params, macs, h, w = self.stem.cost(c, spec.stem_channels, spec.stem_kernel, h, w)
+        params, macs, h, w = unit_cost(self.stem, c, spec.stem_channels, spec.stem_kernel, h, w)
         c = spec.stem_channels
         for b in self.active_blocks(arch):
             mid = make_divisible(c * b.expand)
             p, m, h, w = self._block(b).cost(c, b.out_ch, mid, b.k1, b.k2, h, w)
             params, macs, c = params + p, macs + m, b.out_ch
-        p, m, _, _ = self.head_conv.cost(c, spec.head_channels, 1, h, w)
+        p, m, _, _ = unit_cost(self.head_conv, c, spec.head_channels, 1, h, w)
         fc = spec.head_channels * spec.head_hidden + spec.head_hidden * self.space.num_classes
         params += p + fc + spec.head_hidden + self.space.num_classes
         macs += m + fc

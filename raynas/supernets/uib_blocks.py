@@ -14,8 +14,9 @@ The stride sits where timm puts it: on dw_mid when present, else on dw_start. ti
 strided FFN; KHyper-L (seed 000 Table 12) nevertheless uses one, so we stride its expansion 1x1
 conv (the ResNet-style strided 1x1 shortcut), the cheapest choice that keeps the block a pure FFN.
 
-Every conv reads its full-size weight through a `fetch(conv)` callable handed down by the
-supernet, so a hypernetwork can supply the weights instead of the stored parameters.
+Every conv is a shared `DynamicConvNormAct` (raynas.nn.layers) and reads its full-size weight through a
+`fetch(conv)` callable handed down by the supernet, so a hypernetwork can supply the weights instead of
+the stored parameters.
 """
 
 from __future__ import annotations
@@ -23,19 +24,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from raynas.nn.dynamic import DynamicBatchNorm2d, DynamicConv2d
+from raynas.nn.dynamic import DynamicConv2d
+from raynas.nn.layers import DynamicConvNormAct
 
 # Index order is size order (cheapest first): min_arch / max_arch and the integer encoding rely on it.
 OP_NAMES = ("ffn", "convnext", "ib", "extra_dw")
 
-ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], type[nn.Module]]] = {
-    "relu": (F.relu, nn.ReLU),
-    "relu6": (F.relu6, nn.ReLU6),
-    "hardswish": (F.hardswish, nn.Hardswish),
-}
+ACTIVATIONS = ("relu", "relu6", "hardswish")  # the activations a UIB space may declare
 
 # (conv module) -> its full-size weight, either the stored parameter or a generated tensor
 WeightFetch = Callable[[DynamicConv2d], torch.Tensor]
@@ -53,62 +50,11 @@ def op_has_mid_dw(op: str) -> bool:
     return op in ("extra_dw", "ib")
 
 
-def conv_out_size(size: int, kernel: int, stride: int) -> int:
-    pad = (kernel - 1) // 2
-    return (size + 2 * pad - kernel) // stride + 1
-
-
-def _active_weight(full: torch.Tensor, conv: DynamicConv2d, in_ch: int, out_ch: int, k: int) -> torch.Tensor:
-    """The slice of a full-size weight that a (in_ch, out_ch, k) choice uses: same rule as DynamicConv2d."""
-    if in_ch > conv.max_in or out_ch > conv.max_out or k > conv.max_kernel or k % 2 == 0:
-        raise ValueError(f"conv: in={in_ch}/{conv.max_in} out={out_ch}/{conv.max_out} "
-                         f"kernel={k}/{conv.max_kernel} not available")
-    if tuple(full.shape) != tuple(conv.weight.shape):
-        raise ValueError(f"conv weight: expected shape {tuple(conv.weight.shape)}, got {tuple(full.shape)}")
-    w = full[:out_ch] if conv.depthwise else full[:out_ch, :in_ch]
-    start = (conv.max_kernel - k) // 2
-    return w[..., start : start + k, start : start + k]
-
-
-class ElasticConvBN(nn.Module):
-    """Conv -> BN -> optional activation, elastic in width and (odd, centre-cropped) kernel."""
-
-    def __init__(self, max_in: int, max_out: int, max_kernel: int, stride: int, depthwise: bool,
-                 act: str | None):
-        super().__init__()
-        self.conv = DynamicConv2d(max_in, max_out, max_kernel, stride=stride, depthwise=depthwise)
-        self.bn = DynamicBatchNorm2d(max_out)
-        self.act = act
-
-    def out_channels(self, in_ch: int, out_ch: int) -> int:
-        return in_ch if self.conv.depthwise else out_ch
-
-    def forward(self, x: torch.Tensor, full_weight: torch.Tensor, out_ch: int, k: int) -> torch.Tensor:
-        in_ch = x.shape[1]
-        out = self.out_channels(in_ch, out_ch)
-        w = _active_weight(full_weight, self.conv, in_ch, out, k)
-        x = F.conv2d(x, w, None, self.conv.stride, (k - 1) // 2, 1, groups=in_ch if self.conv.depthwise else 1)
-        x = self.bn(x)
-        return ACTIVATIONS[self.act][0](x) if self.act else x
-
-    @torch.no_grad()
-    def static(self, in_ch: int, full_weight: torch.Tensor, out_ch: int, k: int) -> nn.Sequential:
-        out = self.out_channels(in_ch, out_ch)
-        # skip_init: the weights are overwritten at once, so random initialisation would be wasted time.
-        conv = nn.utils.skip_init(nn.Conv2d, in_ch, out, k, self.conv.stride, (k - 1) // 2,
-                                  groups=in_ch if self.conv.depthwise else 1, bias=False)
-        conv.weight.copy_(_active_weight(full_weight, self.conv, in_ch, out, k))
-        layers = [conv, self.bn.static(out)]
-        if self.act:
-            layers.append(ACTIVATIONS[self.act][1]())
-        return nn.Sequential(*layers)
-
-    def cost(self, in_ch: int, out_ch: int, k: int, h: int, w: int) -> tuple[int, int, int, int]:
-        """(params, macs, out_h, out_w) of the static conv + BN; matches FlopCounterMode exactly."""
-        out = self.out_channels(in_ch, out_ch)
-        per_out = (1 if self.conv.depthwise else in_ch) * k * k
-        ho, wo = conv_out_size(h, k, self.conv.stride), conv_out_size(w, k, self.conv.stride)
-        return out * per_out + 2 * out, out * per_out * ho * wo, ho, wo
+def unit_cost(unit: DynamicConvNormAct, in_ch: int, out_ch: int, k: int, h: int, w: int
+              ) -> tuple[int, int, int, int]:
+    """(params, macs, out_h, out_w) of one static conv + BN (+ act); matches FlopCounterMode exactly."""
+    ho, wo = unit.out_size(h, k), unit.out_size(w, k)
+    return (*unit.cost(in_ch, out_ch, k, (ho, wo)), ho, wo)
 
 
 class ElasticUIB(nn.Module):
@@ -121,16 +67,16 @@ class ElasticUIB(nn.Module):
             raise ValueError(f"UIB op '{op}' not in {OP_NAMES}")
         self.op, self.stride = op, stride
         start, mid = op_has_start_dw(op), op_has_mid_dw(op)
-        units: dict[str, ElasticConvBN] = {}
+        units: dict[str, DynamicConvNormAct] = {}
         if start:
-            units["dw_start"] = ElasticConvBN(max_in, max_in, max_kernel, 1 if mid else stride, True, None)
-        units["pw_exp"] = ElasticConvBN(max_in, max_mid, 1, 1 if (start or mid) else stride, False, act)
+            units["dw_start"] = DynamicConvNormAct(max_in, max_in, max_kernel, 1 if mid else stride, True)
+        units["pw_exp"] = DynamicConvNormAct(max_in, max_mid, 1, 1 if (start or mid) else stride, act=act)
         if mid:
-            units["dw_mid"] = ElasticConvBN(max_mid, max_mid, max_kernel, stride, True, act)
-        units["pw_proj"] = ElasticConvBN(max_mid, max_out, 1, 1, False, None)
+            units["dw_mid"] = DynamicConvNormAct(max_mid, max_mid, max_kernel, stride, True, act=act)
+        units["pw_proj"] = DynamicConvNormAct(max_mid, max_out, 1)
         self.units = nn.ModuleDict(units)
 
-    def _schedule(self, out_ch: int, mid_ch: int, k1: int, k2: int) -> list[tuple[ElasticConvBN, int, int]]:
+    def _schedule(self, out_ch: int, mid_ch: int, k1: int, k2: int) -> list[tuple[DynamicConvNormAct, int, int]]:
         """(unit, requested out channels, kernel) in execution order."""
         plan = {"dw_start": (0, k1), "pw_exp": (mid_ch, 1), "dw_mid": (0, k2), "pw_proj": (out_ch, 1)}
         return [(unit, *plan[name]) for name, unit in self.units.items()]
@@ -142,7 +88,7 @@ class ElasticUIB(nn.Module):
                 fetch: WeightFetch = stored_weight) -> torch.Tensor:
         y = x
         for unit, out, k in self._schedule(out_ch, mid_ch, k1, k2):
-            y = unit(y, fetch(unit.conv), out, k)
+            y = unit(y, out, k, weight=fetch(unit.conv))
         return x + y if self.has_skip(x.shape[1], out_ch) else y
 
     @torch.no_grad()
@@ -150,8 +96,8 @@ class ElasticUIB(nn.Module):
                fetch: WeightFetch = stored_weight) -> StaticUIB:
         layers, c = [], in_ch
         for unit, out, k in self._schedule(out_ch, mid_ch, k1, k2):
-            layers.append(unit.static(c, fetch(unit.conv), out, k))
-            c = unit.out_channels(c, out)
+            layers.append(unit.static(c, out, k, weight=fetch(unit.conv)))
+            c = unit.conv.out_channels(c, out)
         return StaticUIB(nn.Sequential(*layers), self.has_skip(in_ch, out_ch))
 
     def cost(self, in_ch: int, out_ch: int, mid_ch: int, k1: int, k2: int, h: int, w: int
@@ -159,8 +105,8 @@ class ElasticUIB(nn.Module):
         params = macs = 0
         c = in_ch
         for unit, out, k in self._schedule(out_ch, mid_ch, k1, k2):
-            p, m, h, w = unit.cost(c, out, k, h, w)
-            params, macs, c = params + p, macs + m, unit.out_channels(c, out)
+            p, m, h, w = unit_cost(unit, c, out, k, h, w)
+            params, macs, c = params + p, macs + m, unit.conv.out_channels(c, out)
         return params, macs, h, w
 
 

@@ -3,7 +3,7 @@
 Layout of `<storage_path>/<name>/epoch_NNNN/`, a local path or a URI such as s3://bucket/runs/name/epoch_0003
 (every file loads with torch.load(weights_only=True)):
   meta.json          rank 0: format, completed epochs, space, strategy, world size
-  supernet.pt        rank 0: `save_supernet` format (loadable by `load_supernet_weights`)
+  supernet.pt        rank 0: `save_supernet` format (loadable by `load_supernet`)
   train_state.pt     rank 0: optimizers, schedulers, AMP scaler, strategy state, step counter
   rng_rank<R>.pt     every rank: its torch / CUDA / numpy / python RNG states
 Every worker reports its part through `ray.train.report`; Ray merges them into the one directory in the
@@ -76,23 +76,30 @@ def write_checkpoint(directory: str | os.PathLike, *, rank: int, epoch: int, wor
     if trained_module is not supernet:  # a strategy wrapper (router, LoRA...) holds more than the supernet
         state["model"] = trained_module.state_dict()
     storage.save_torch(storage.join(directory, STATE_FILE), state)
-    # meta.json last: its presence marks the rank-0 files as written.
+    # meta.json last, with the sizes of the rank-0 files: Ray uploads the directory file by file, in no
+    # set order and not atomically, so a worker killed mid-upload can leave meta.json beside a cut-off
+    # supernet.pt; the sizes tell such a directory from a complete one (see `read_meta`).
     storage.write_text(storage.join(directory, META_FILE), json.dumps({
         "format": FORMAT, "epoch": epoch, "world_size": world_size,
         "space": supernet.space.name, "strategy": strategy_name,
+        "sizes": {f: storage.size(storage.join(directory, f)) for f in (SUPERNET_FILE, STATE_FILE)},
     }))
 
 
 # ---- finding and reading ------------------------------------------------------------------------------
 def read_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The checkpoint's meta.json if `directory` (a local path or URI) holds a complete rank-0 checkpoint,
-    else None."""
+    """The checkpoint's meta.json if `directory` (a local path or URI) holds a complete rank-0 checkpoint
+    (its files whole, as meta.json records their sizes), else None."""
     try:
         meta = storage.read_json(storage.join(directory, META_FILE), "checkpoint")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("epoch"), int):
             return None
-        if not all(storage.size(storage.join(directory, f)) > 0 for f in (SUPERNET_FILE, STATE_FILE)):
-            return None
+        # Checkpoints of older raynas versions record no sizes: any non-empty file passes for them.
+        sizes = meta.get("sizes") if isinstance(meta.get("sizes"), dict) else {}
+        for name in (SUPERNET_FILE, STATE_FILE):
+            found = storage.size(storage.join(directory, name))
+            if found == 0 or found != sizes.get(name, found):
+                return None
     except storage.StorageError:
         return None
     return meta

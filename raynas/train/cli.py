@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from raynas.cli_args import POSITIVE
+
 
 def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
@@ -20,14 +22,14 @@ def add_train_arguments(parser: argparse.ArgumentParser, config_flag: bool = Fal
         parser.add_argument("--config", required=True, help="training config YAML (see pipelines/configs/)")
     else:
         parser.add_argument("config", help="training config YAML (see pipelines/configs/)")
-    parser.add_argument("--num-workers", type=int, help="Ray Train workers (overrides scaling.num_workers)")
+    parser.add_argument("--num-workers", type=POSITIVE, help="Ray Train workers (overrides scaling.num_workers)")
     parser.add_argument("--use-gpu", action="store_true", default=None,
                         help="one GPU per worker (overrides scaling.use_gpu)")
     parser.add_argument("--name", help="run name (default: config name, else the file's stem); "
                         "re-running a name resumes it")
     parser.add_argument("--storage", help="directory or URI (s3://bucket/prefix, gs://...) holding runs "
                         "(overrides storage_path)")
-    parser.add_argument("--epochs", type=int, help="total epochs (overrides epochs)")
+    parser.add_argument("--epochs", type=POSITIVE, help="total epochs (overrides epochs)")
     add_plugin_argument(parser)
 
 
@@ -49,11 +51,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_sizes(args: argparse.Namespace) -> int:
+    """`raynas train-sizes CHAIN.yaml`: the `raynas train` flags set the chain's name and storage and
+    every stage's shared `train` keys."""
+    from raynas.train.chain import load_chain_config, train_size_specific
+    from raynas.train.strategies import load_plugins
+
+    load_plugins(args.plugin)
+    overrides = {("" if key in ("name", "storage_path") else "train.") + key: value
+                 for key, value in overrides_from_args(args).items()}
+    results = train_size_specific(load_chain_config(args.config, overrides), plugins=args.plugin)
+    print(json.dumps({r.key: {"run_dir": r.run_dir, "supernet": r.supernet_path, "inherited_from": r.inherited_from,
+                              "skipped": r.skipped} for r in results}))
+    return 0
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a supernet with Ray Train (resumes a run by name)")
     add_train_arguments(parser)
     parser.set_defaults(func=cmd_train)
 
-    from raynas.train.inherit import register as register_train_sizes
+    parser = subparsers.add_parser("train-sizes", help="size-specific supernets with weight inheritance (AutoViT): "
+                                   "a chain YAML (see pipelines/configs/train_autovit_sizes.yaml)")
+    add_train_arguments(parser)
+    parser.set_defaults(func=cmd_train_sizes)
 
-    register_train_sizes(subparsers)

@@ -29,10 +29,9 @@ import numpy as np
 import torch
 
 from raynas.errors import ConfigError
-from raynas.nn.hyper import check_topology_supernet, find_hypernet, topology_dims
 from raynas.space import Arch, SearchSpace
+from raynas.supernets.hypernet import check_topology_supernet, find_hypernet, topology_dims
 from raynas.train.losses import accuracy, label_loss, soft_target_loss
-from raynas.train.strategies import register_strategy
 from raynas.train.strategies.base import StepContext, Strategy
 
 WARMUP_MODES = ("equal", "anneal", "none")
@@ -115,7 +114,6 @@ def no_weight_decay(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 
 # ---- the strategy --------------------------------------------------------------------------------------
-@register_strategy
 class FocusFairStrategy(Strategy):
     """Seed 000 Algorithm 1 on a topology supernet (optionally with a Kshot-Hypernet attached)."""
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from raynas import storage
 from raynas.train.checkpointing import (
     checkpoint_dir_name,
+    find_latest_checkpoint,
     load_resume_state,
     read_meta,
     restore_rng,
@@ -45,7 +46,7 @@ def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
 
 def _resume_dir(stack: contextlib.ExitStack, explicit_dir: str | None) -> str | None:
     """The checkpoint with the most completed epochs among Ray's (a retry within the run, or Ray's
-    run snapshot; Ray downloads it to this node) and the one the driver found in the run's storage
+    run snapshot; Ray downloads it to this node) and the newest complete one in the run's storage
     (read through raynas.storage, wherever it is); None for a fresh start."""
     import ray.train
 
@@ -285,5 +286,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _quiet_ray_train_reports()
     load_plugins(config.get("plugins", ()))  # the strategy modules the driver was given (--plugin)
     run = WorkerRun(config)
-    run.restore(config.get("resume_dir"))
+    # The newest complete checkpoint in the run's storage now, not only the one the driver found when it
+    # planned the run: a worker group restarted after a worker died (SIGKILL, OOM) continues from the last
+    # epoch stored, even when Ray's controller had not yet registered that epoch's report.
+    run.restore(find_latest_checkpoint(config["run_dir"]))
     run.run()

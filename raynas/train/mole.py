@@ -1,7 +1,7 @@
 """`mole`: TAS-LoRA fine-tuning (seed 003 §3.3, §4.1.2) of a trained AutoFormer supernet.
 
 The supernet (`init_from`, a `raynas train` output such as `<run>/supernet.pt`) is loaded and
-frozen; LoRA experts and an LSTM router (`raynas.nn.lora`) are attached and trained. Each step
+frozen; LoRA experts and an LSTM router (`raynas.supernets.mole`) are attached and trained. Each step
 trains one uniformly sampled subnet on the labels, as AutoFormer does. For the first
 `warmup_epochs` (paper: 5) the router is frozen, so each expert learns from the group of blocks
 the group-wise initialisation gave it; afterwards experts and router train jointly.
@@ -21,48 +21,49 @@ import torch
 
 from raynas import storage
 from raynas.errors import ConfigError, UserError
-from raynas.nn.lora import MOLE_DEFAULTS, MoLESupernet, attach_mole, validate_mole_config
+from raynas.nn.lora import MOLE_DEFAULTS, validate_mole_config
+from raynas.supernets.mole import MoLESupernet, attach_mole
 from raynas.train.losses import accuracy, label_loss
 from raynas.train.samplers import uniform_arch
-from raynas.train.strategies import register_strategy
 from raynas.train.strategies.base import StepContext, Strategy
 
 STRATEGY_KEYS = {"init_from": None, "warmup_epochs": 5, "router_lr": 0.1, "router_momentum": 0.9,
                  "router_weight_decay": 0.0}
 
 
-def _read_checkpoint(path: str, where: str) -> dict[str, Any]:
-    """The checkpoint's state (a local path or URI, read through raynas.storage); errors name `where`."""
-    from raynas.supernets.checkpoint import read_checkpoint
-
+def _checked(path: str, where: str, read):
+    """`read(path)` (a local path or URI, read through raynas.storage); errors name `where`."""
     if not storage.is_file(path):
         raise ConfigError(f"{where}: file {storage.display(path)} does not exist (a trained autoformer "
                           f"supernet, e.g. <storage_path>/<run>/supernet.pt)")
     try:
-        return read_checkpoint(path)
+        return read(path)
     except UserError as exc:
         raise ConfigError(f"{where}: {str(exc).removeprefix('checkpoint: ')}") from None
 
 
 def load_pretrained(supernet: torch.nn.Module, path: str, where: str = "strategy.init_from") -> None:
     """Load a plain supernet checkpoint of the same space, resolution and classes into `supernet`."""
-    state = _read_checkpoint(path, where)
-    space = supernet.space
-    if state["space"] != space.name:
-        raise ConfigError(f"{where}: {path} was trained on space '{state['space']}', not '{space.name}'")
-    for key, ours in (("resolution", space.resolution), ("num_classes", space.num_classes)):
-        if state.get(key) != ours:
-            raise ConfigError(f"{where}: {path} was trained with {key} {state.get(key)}; this run has {ours} "
-                              f"(set `resolution` / the dataset to match the pretrained supernet)")
-    if any(k.endswith(("lora_a", "lora_b")) or k.startswith("router.") for k in state["model"]):
+    from raynas.supernets.checkpoint import load_supernet
+
+    pretrained = _checked(path, where, load_supernet)
+    theirs, space = pretrained.space, supernet.space
+    if theirs.name != space.name:
+        raise ConfigError(f"{where}: {path} was trained on space '{theirs.name}', not '{space.name}'")
+    for key in ("resolution", "num_classes"):
+        if getattr(theirs, key) != getattr(space, key):
+            raise ConfigError(f"{where}: {path} was trained with {key} {getattr(theirs, key)}; this run has "
+                              f"{getattr(space, key)} (set `resolution` / the dataset to match the pretrained "
+                              f"supernet)")
+    if isinstance(pretrained, MoLESupernet):
         raise ConfigError(f"{where}: {path} already holds MoLE experts; give the plain pretrained supernet")
-    supernet.load_state_dict(state["model"])
+    supernet.load_state_dict(pretrained.state_dict())
 
 
-@register_strategy
 class MoLEStrategy(Strategy):
     name = "mole"
     FAMILIES = ("autoformer",)
+    LOADS_WEIGHTS = True
     DEFAULTS = {**STRATEGY_KEYS, **MOLE_DEFAULTS}
 
     @classmethod
@@ -74,7 +75,9 @@ class MoLEStrategy(Strategy):
             raise ConfigError(f"{where}.init_from: expected a checkpoint path, got {options['init_from']!r}")
         # Absolute (or a URI): every worker reads it, whatever its working directory.
         options["init_from"] = storage.normalize(options["init_from"])
-        state = _read_checkpoint(options["init_from"], f"{where}.init_from")
+        from raynas.supernets.checkpoint import read_checkpoint
+
+        state = _checked(options["init_from"], f"{where}.init_from", read_checkpoint)
         family = state.get("space_config", {}).get("family")
         if family not in cls.FAMILIES:
             raise ConfigError(f"{where}.init_from: {options['init_from']} is a '{family}' supernet; "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from raynas.cli_args import POSITIVE
+
 
 def cmd_tune(args) -> None:
     from raynas.tune.config import load_tune_config
@@ -20,5 +22,5 @@ def register(subparsers) -> None:
     p.add_argument("config", help="tune YAML (see pipelines/configs/tune_biglittle.yaml)")
     p.add_argument("--name", help="sweep name (default: config name, else the file's stem)")
     p.add_argument("--storage", help="directory or URI (s3://bucket/prefix) holding sweeps (overrides storage_path)")
-    p.add_argument("--num-samples", type=int, dest="num_samples", help="number of trials (overrides num_samples)")
+    p.add_argument("--num-samples", type=POSITIVE, dest="num_samples", help="number of trials (overrides num_samples)")
     p.set_defaults(func=cmd_tune)

@@ -4,13 +4,12 @@ before any trial starts. Errors are one line naming the field and what is allowe
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from raynas import config as c
 from raynas import storage
-from raynas.config_utils import check_known, one_of, positive_float, positive_int, read_yaml, section
-from raynas.errors import ConfigError
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
 DEFAULTS: dict[str, Any] = {
@@ -32,47 +31,33 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
-    node = cfg
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"param_space.{dotted}: '{part}' is not a section of the training config")
-    node[leaf] = value
-
-
 def apply_params(train_cfg: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
     """The training config with swept values in place: a plain name is a strategy option
     (alpha, beta, gamma, temperature, tau, router_hidden, ...), a dotted one a config path (optimizer.lr)."""
     cfg = copy.deepcopy(dict(train_cfg))
     if isinstance(cfg.get("strategy"), str):
         cfg["strategy"] = {"name": cfg["strategy"]}
-    for key, value in params.items():
-        if "." in key:
-            _set_dotted(cfg, key, value)
-        else:
-            cfg["strategy"][key] = value
+    c.apply_overrides(cfg, {key: value for key, value in params.items() if "." in key})
+    cfg["strategy"].update({key: value for key, value in params.items() if "." not in key})
     return cfg
 
 
 def _check_distribution(name: str, spec: Any) -> None:
     where = f"param_space.{name}"
     if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise ConfigError(f"{where}: expected one of {{{', '.join(DISTRIBUTIONS)}}}: [...], got {spec!r}")
+        c.fail(where, f"got {spec!r}", f"one of {{{', '.join(DISTRIBUTIONS)}}}: [...]")
     kind, args = next(iter(spec.items()))
-    one_of(kind, DISTRIBUTIONS, f"{where} distribution")
+    c.choice(kind, f"{where} distribution", DISTRIBUTIONS)
     if not isinstance(args, list) or not args:
-        raise ConfigError(f"{where}.{kind}: expected a list, got {args!r}")
+        c.fail(f"{where}.{kind}", f"got {args!r}", "a non-empty list")
     if kind == "choice":
         return
-    if len(args) != DISTRIBUTIONS[kind] or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
-                                                   for a in args):
-        raise ConfigError(f"{where}.{kind}: expected {DISTRIBUTIONS[kind]} numbers, got {args!r}")
+    if len(args) != DISTRIBUTIONS[kind]:
+        c.fail(f"{where}.{kind}", f"got {args!r}", f"{DISTRIBUTIONS[kind]} numbers")
+    for i, arg in enumerate(args):
+        c.number(arg, f"{where}.{kind}[{i}]", 0.0 if kind == "loguniform" else None, low_open=True)
     if not args[0] < args[1]:
-        raise ConfigError(f"{where}.{kind}: lower bound must be below the upper bound, got {args!r}")
-    if kind == "loguniform" and args[0] <= 0:
-        raise ConfigError(f"{where}.loguniform: bounds must be > 0, got {args!r}")
+        c.fail(f"{where}.{kind}", f"got {args!r}", "a lower bound below the upper bound")
 
 
 def _corners(param_space: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -90,62 +75,62 @@ def _corners(param_space: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [low] + [{**low, k: value(s, 1)} for k, s in param_space.items()]
 
 
-def validate_tune_config(cfg: Mapping[str, Any], base_dir: Path | None = None) -> dict[str, Any]:
+def _base_train_config(train: Any, base_dir: str | None) -> dict[str, Any]:
+    """The base training config: a YAML path (relative to the tune config) or an inline mapping."""
     from raynas.train.config import load_train_config, validate_train_config
 
-    check_known(cfg, DEFAULTS, "config")
+    if isinstance(train, str):
+        location = train
+        if base_dir is not None and not storage.is_uri(train) and not os.path.isabs(train):
+            candidate = storage.join(base_dir, train)
+            location = candidate if storage.is_file(candidate) else train
+        train_cfg = load_train_config(location)
+    elif isinstance(train, Mapping):
+        train_cfg = c.nested("train", validate_train_config, train)
+    else:
+        c.fail("train", f"got {train!r}", "the path of a training config or a training config mapping")
+    if train_cfg["strategy"]["name"] != "biglittle":
+        c.fail("train.strategy.name", f"got {train_cfg['strategy']['name']!r}",
+               "'biglittle' (the joint big/little loss)")
+    return train_cfg
+
+
+def validate_tune_config(cfg: Mapping[str, Any], base_dir: str | None = None) -> dict[str, Any]:
+    from raynas.train.config import run_name, validate_train_config
+
+    cfg = c.mapping(cfg, "config")
+    c.check_known(cfg, DEFAULTS, "config")
     out = {k: copy.deepcopy(v) for k, v in DEFAULTS.items()}
     out.update({k: v for k, v in cfg.items() if not isinstance(DEFAULTS.get(k), dict)})
-    if not isinstance(out["name"], str) or not out["name"] or "/" in out["name"]:
-        raise ConfigError(f"name: expected a run name without '/', got {out['name']!r}")
-    if not isinstance(out["storage_path"], str) or not out["storage_path"]:
-        raise ConfigError(f"storage_path: expected a directory path or a URI such as s3://bucket/tune, "
-                          f"got {out['storage_path']!r}")
-    out["storage_path"] = storage.normalize(out["storage_path"])
-
-    train = out["train"]
-    if isinstance(train, str):
-        path = Path(train)
-        if not path.is_absolute() and base_dir is not None and (base_dir / path).is_file():
-            path = base_dir / path
-        train_cfg = load_train_config(path)
-    elif isinstance(train, Mapping):
-        train_cfg = validate_train_config(train)
-    else:
-        raise ConfigError("train: expected the path of a training config or a training config mapping")
-    if train_cfg["strategy"]["name"] != "biglittle":
-        raise ConfigError(f"train.strategy.name: expected 'biglittle' (the joint big/little loss), "
-                          f"got {train_cfg['strategy']['name']!r}")
+    c.string(run_name(out["name"]), "name")
+    out["storage_path"] = c.location(out["storage_path"], "storage_path")
+    train_cfg = _base_train_config(out["train"], base_dir)
 
     space = out["param_space"]
     if not isinstance(space, Mapping) or not space:
-        raise ConfigError("param_space: expected a mapping of swept parameters, e.g. alpha: {loguniform: [0.25, 4]}")
+        c.fail("param_space", f"got {space!r}", "a mapping of swept parameters, e.g. alpha: {loguniform: [0.25, 4]}")
     for name, spec in space.items():
         _check_distribution(name, spec)
     out["param_space"] = dict(space)
 
-    positive_int(out["num_samples"], "num_samples")
-    positive_int(out["max_concurrent_trials"], "max_concurrent_trials")
-    one_of(out["metric"], ("score",), "metric")
-    one_of(out["mode"], ("max",), "mode")
-    sched = out["scheduler"] = section(cfg, "scheduler", DEFAULTS["scheduler"])
-    one_of(sched["name"], ("asha", "fifo"), "scheduler.name")
-    positive_int(sched["grace_period"], "scheduler.grace_period")
-    positive_int(sched["reduction_factor"], "scheduler.reduction_factor", minimum=2)
-    if sched["grace_period"] > train_cfg["epochs"]:
-        raise ConfigError(f"scheduler.grace_period: {sched['grace_period']} exceeds the {train_cfg['epochs']} "
-                          "training epochs")
-    alg = out["search_alg"] = section(cfg, "search_alg", DEFAULTS["search_alg"])
-    one_of(alg["name"], ("optuna",), "search_alg.name")
-    positive_int(alg["seed"], "search_alg.seed", minimum=0)
-    obj = out["objective"] = section(cfg, "objective", DEFAULTS["objective"])
-    if not (isinstance(obj["cost_penalty"], (int, float)) and obj["cost_penalty"] >= 0):
-        raise ConfigError(f"objective.cost_penalty: expected a number >= 0, got {obj['cost_penalty']!r}")
-    ev = out["evaluation"] = section(cfg, "evaluation", DEFAULTS["evaluation"])
-    if ev["pair"] != "extreme" and not isinstance(ev["pair"], Mapping):
-        raise ConfigError(f"evaluation.pair: expected 'extreme' or a pair mapping, got {ev['pair']!r}")
-    positive_int(ev["bn_samples"], "evaluation.bn_samples")
-    positive_float(out["trial_cpus"], "trial_cpus")
+    c.integer(out["num_samples"], "num_samples", 1)
+    c.integer(out["max_concurrent_trials"], "max_concurrent_trials", 1)
+    c.choice(out["metric"], "metric", ("score",))
+    c.choice(out["mode"], "mode", ("max",))
+    sched = out["scheduler"] = c.section(cfg, "scheduler", DEFAULTS["scheduler"])
+    c.choice(sched["name"], "scheduler.name", ("asha", "fifo"))
+    c.integer(sched["grace_period"], "scheduler.grace_period", 1, train_cfg["epochs"])
+    c.integer(sched["reduction_factor"], "scheduler.reduction_factor", 2)
+    alg = out["search_alg"] = c.section(cfg, "search_alg", DEFAULTS["search_alg"])
+    c.choice(alg["name"], "search_alg.name", ("optuna",))
+    c.integer(alg["seed"], "search_alg.seed", 0)
+    obj = out["objective"] = c.section(cfg, "objective", DEFAULTS["objective"])
+    c.number(obj["cost_penalty"], "objective.cost_penalty", 0.0)
+    ev = out["evaluation"] = c.section(cfg, "evaluation", DEFAULTS["evaluation"])
+    if ev["pair"] != "extreme":
+        c.mapping(ev["pair"], "evaluation.pair")
+    c.integer(ev["bn_samples"], "evaluation.bn_samples", 1)
+    c.number(out["trial_cpus"], "trial_cpus", 0.0, low_open=True)
 
     train_cfg["strategy"]["score_cost_penalty"] = float(obj["cost_penalty"])
     for corner in _corners(out["param_space"]):  # every trial's training config is valid
@@ -154,11 +139,8 @@ def validate_tune_config(cfg: Mapping[str, Any], base_dir: Path | None = None) -
     return out
 
 
-def load_tune_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    path = Path(path)
-    cfg = read_yaml(path)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            cfg[key] = value
-    cfg.setdefault("name", path.stem)
-    return validate_tune_config(cfg, base_dir=path.parent)
+def load_tune_config(path: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    location = storage.normalize(path)
+    cfg = c.apply_overrides(c.read_yaml(location), overrides)
+    cfg.setdefault("name", storage.basename(location).rsplit(".", 1)[0])
+    return validate_tune_config(cfg, base_dir=storage.parent(location))

@@ -1,24 +1,30 @@
-"""Search algorithms: each an ask/tell object that sees only the space, estimates and constraints."""
+"""Search algorithms: each an ask/tell object that sees only the space, estimates and constraints.
+
+To add one: subclass `SearchAlgorithm` (set `name` and `PARAMS`) and declare it in `ALGORITHMS`.
+"""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from raynas.registry import Registry
 from raynas.search.algorithms.base import Constraints, SearchAlgorithm, SearchContext
 
-_REGISTRY = {
-    "nsga2": ("raynas.search.algorithms.nsga2", "NSGA2Search"),
-    "coarse-to-fine": ("raynas.search.algorithms.coarse_to_fine", "CoarseToFineSearch"),
-    "evolution": ("raynas.search.algorithms.evolution", "EvolutionarySearch"),
-    "scanedge": ("raynas.search.algorithms.scanedge", "ScanEdgeSearch"),
-    "random": ("raynas.search.algorithms.random_search", "RandomSearch"),
-}
+ALGORITHMS = Registry("search.algorithm", {
+    "nsga2": "raynas.search.algorithms.nsga2:NSGA2Search",
+    "coarse-to-fine": "raynas.search.algorithms.coarse_to_fine:CoarseToFineSearch",
+    "evolution": "raynas.search.algorithms.evolution:EvolutionarySearch",
+    "scanedge": "raynas.search.algorithms.scanedge:ScanEdgeSearch",
+    "random": "raynas.search.algorithms.random_search:RandomSearch",
+})
+
+
+def algorithm_class(name: str) -> type[SearchAlgorithm]:
+    return ALGORITHMS.get(name)
 
 
 def build_algorithm(name: str, ctx: SearchContext, budget: int, **params: Any) -> SearchAlgorithm:
-    module, cls = _REGISTRY[name]
-    return getattr(importlib.import_module(module), cls)(ctx, budget, **params)
+    return algorithm_class(name)(ctx, budget, **params)
 
 
-__all__ = ["Constraints", "SearchAlgorithm", "SearchContext", "build_algorithm"]
+__all__ = ["ALGORITHMS", "Constraints", "SearchAlgorithm", "SearchContext", "algorithm_class", "build_algorithm"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -65,7 +65,10 @@ class SearchContext:
 
 
 class SearchAlgorithm(ABC):
-    name: str = "base"
+    """Subclasses set `name` and `PARAMS` and are declared in `raynas.search.algorithms.ALGORITHMS`."""
+
+    name: ClassVar[str] = "base"
+    PARAMS: ClassVar[tuple[str, ...]] = ()  # the keyword arguments of __init__ a config may set (search.params)
 
     def __init__(self, ctx: SearchContext, budget: int):
         if budget < 1:

@@ -15,6 +15,7 @@ from raynas.space import Arch
 
 class CoarseToFineSearch(EvolutionarySearch):
     name = "coarse-to-fine"
+    PARAMS = ("coarse_samples", "population", "parents", "depth_prob", "block_prob")
 
     def __init__(self, ctx: SearchContext, budget: int, coarse_samples: int = 2000, population: int = 50,
                  parents: int = 10, depth_prob: float = 0.2, block_prob: float = 0.4):

@@ -30,6 +30,7 @@ def mutate_depth_first(space: SearchSpace, arch: Arch, rng: np.random.Generator,
 
 class EvolutionarySearch(SearchAlgorithm):
     name = "evolution"
+    PARAMS = ("population", "parents", "gene_prob", "depth_prob", "crossover_fraction")
 
     def __init__(self, ctx: SearchContext, budget: int, population: int = 50, parents: int = 10,
                  gene_prob: float = 0.2, depth_prob: float = 0.4, crossover_fraction: float = 0.5):

@@ -21,6 +21,7 @@ from raynas.space import Arch
 
 class NSGA2Search(SearchAlgorithm):
     name = "nsga2"
+    PARAMS = ("population", "crossover_prob", "crossover_eta", "mutation_eta", "seed_extremes")
 
     def __init__(self, ctx: SearchContext, budget: int, population: int = 50, crossover_prob: float = 0.9,
                  crossover_eta: float = 15.0, mutation_eta: float = 20.0, seed_extremes: bool = True):
@@ -50,6 +51,8 @@ class NSGA2Search(SearchAlgorithm):
 
     def _ask(self) -> list[Arch]:
         self._pending = self.algorithm.ask()
+        if self._pending is None:  # mating found no offspring that is not a duplicate: a small space is exhausted
+            return []
         archs = [self.ctx.space.decode(x) for x in self._pending.get("X")]
         # Store the canonical genome so pymoo's duplicate elimination sees equal networks as equal.
         self._pending.set("X", np.stack([self.ctx.space.encode(a) for a in archs]))
@@ -57,7 +60,7 @@ class NSGA2Search(SearchAlgorithm):
 
     def ask(self) -> list[Arch]:
         archs = super().ask()
-        if len(archs) < len(self._pending):  # budget cut the last generation short
+        if archs and len(archs) < len(self._pending):  # budget cut the last generation short
             self._pending = self._pending[: len(archs)]
         return archs
 

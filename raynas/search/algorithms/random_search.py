@@ -8,6 +8,7 @@ from raynas.space import Arch
 
 class RandomSearch(SearchAlgorithm):
     name = "random"
+    PARAMS = ("batch_size",)
 
     def __init__(self, ctx: SearchContext, budget: int, batch_size: int = 50):
         super().__init__(ctx, budget)

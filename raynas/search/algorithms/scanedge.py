@@ -21,6 +21,8 @@ from raynas.space import Arch
 
 class ScanEdgeSearch(SearchAlgorithm):
     name = "scanedge"
+    PARAMS = ("population", "parents", "gene_prob", "top_k", "momentum", "delta", "predictor_min_samples",
+              "predictor_candidates")
 
     def __init__(self, ctx: SearchContext, budget: int, population: int = 50, parents: int = 10,
                  gene_prob: float = 0.2, top_k: int = 10, momentum: float = 0.8, delta: float = 0.0,

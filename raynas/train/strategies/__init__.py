@@ -1,10 +1,9 @@
 """Training strategies (sampler + loss), selected by name in the config.
 
-Built-in strategies live in modules of this package (or in COMPANION_MODULES) and register
-themselves with `@register_strategy`; those modules are imported on first lookup, so a new strategy
-is a new file. Strategies defined elsewhere are plug-ins, found in one of two places the user
-controls, never in a config file (a config is data: naming `module:Class` there would let any file
-import any code):
+Built-in strategies are declared in `STRATEGIES` (a `raynas.registry.Registry`, like the supernet
+families and the search algorithms), so a new built-in is a new class and one line there. Strategies
+defined elsewhere are plug-ins, found in one of two places the user controls, never in a config file
+(a config is data: naming `module:Class` there would let any file import any code):
   * an installed package's entry point in the `raynas.strategies` group
     (`[project.entry-points."raynas.strategies"] mine = "mypkg.strategies:MyStrategy"`);
   * a module named on the command line (`raynas train CFG --plugin mypkg.strategies`), imported by
@@ -15,48 +14,35 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import pkgutil
 from collections.abc import Iterable
 
 from raynas.errors import ConfigError, UserError
+from raynas.registry import Registry
 from raynas.train.strategies.base import StepContext, Strategy
 
-STRATEGIES: dict[str, type[Strategy]] = {}
-# Strategies that live next to their method's other code in raynas.train (imported if present).
-COMPANION_MODULES = ("raynas.train.focusfair", "raynas.train.mole", "raynas.train.inherit")
+STRATEGIES = Registry("strategy.name", {
+    "uniform": "raynas.train.strategies.uniform:UniformStrategy",
+    "fair": "raynas.train.strategies.fair:FairStrategy",
+    "sandwich": "raynas.train.strategies.sandwich:SandwichStrategy",
+    "focusfair": "raynas.train.focusfair:FocusFairStrategy",
+    "mole": "raynas.train.mole:MoLEStrategy",
+    "inherit": "raynas.train.inherit:InheritStrategy",
+    "biglittle": "raynas.biglittle.train:BigLittleStrategy",
+    "single-arch": "raynas.biglittle.train:SingleArchStrategy",
+})
 ENTRY_POINT_GROUP = "raynas.strategies"
-_discovered = False
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make `cls` selectable as `strategy: {cls.name}`."""
+    """Class decorator for plug-ins: make `cls` selectable as `strategy: {cls.name}`."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} needs a non-empty `name`")
-    existing = STRATEGIES.get(cls.name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise TypeError(f"strategy name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__}")
-    STRATEGIES[cls.name] = cls
+    STRATEGIES.add(cls.name, cls)
     return cls
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    modules = [f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__)
-               if info.name != "base" and not info.name.startswith("_")]
-    for module in [*modules, *COMPANION_MODULES]:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # a companion that is not there is fine; a broken import is not
-                raise
-    _discovered = True
-
-
 def strategy_names() -> list[str]:
-    _discover()
-    return sorted(STRATEGIES)
+    return STRATEGIES.names()
 
 
 def load_plugins(modules: Iterable[str]) -> None:
@@ -84,23 +70,22 @@ def _from_entry_point(name: str) -> type[Strategy] | None:
                               f"failed to load ({type(exc).__name__}: {str(exc).partition(chr(10))[0]})") from None
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
             raise ConfigError(f"strategy.name: entry point '{name}' ({ep.value}) is not a raynas Strategy subclass")
-        STRATEGIES[name] = cls
+        STRATEGIES.add(name, cls)
         return cls
     return None
 
 
 def _allowed() -> str:
-    return (f"allowed: {sorted({*STRATEGIES, *_entry_point_names()})}, or a strategy from a module given with "
+    return (f"allowed: {sorted({*STRATEGIES.names(), *_entry_point_names()})}, or a strategy from a module given with "
             f"--plugin MODULE or from an installed package's '{ENTRY_POINT_GROUP}' entry point")
 
 
 def get_strategy_class(name: str) -> type[Strategy]:
     """A registered name (built-in, `--plugin` module, or `raynas.strategies` entry point)."""
-    _discover()
     if ":" in name:
         raise ConfigError(f"strategy.name: {name!r} names code to import, which a config file may not do; "
                           + _allowed())
-    cls = STRATEGIES.get(name) or _from_entry_point(name)
+    cls = STRATEGIES.find(name) or _from_entry_point(name)
     if cls is None:
         raise ConfigError(f"strategy.name: unknown '{name}'; " + _allowed())
     return cls

@@ -6,9 +6,9 @@ router or LoRA experts go into the module it returns, so DDP syncs them and chec
 create its own optimizers (e.g. one for architecture parameters), and keep state (sampler RNG,
 temperatures) that is checkpointed with `state_dict` / `load_state_dict`.
 
-To add one: subclass `Strategy`, set `name` and `DEFAULTS`, implement `train_step`, decorate the
-class with `@register_strategy` in a module under `raynas/train/strategies/` (found automatically),
-or ship it as a plug-in (a `raynas.strategies` entry point, or a module given with `--plugin`).
+To add one: subclass `Strategy`, set `name` and `DEFAULTS`, implement `train_step`, and declare it
+in `raynas.train.strategies.STRATEGIES`, or ship it as a plug-in (a `raynas.strategies` entry point,
+or a module given with `--plugin` that decorates it with `@register_strategy`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raynas.errors import ConfigError
+from raynas import config as c
 from raynas.space import Arch, SearchSpace
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -126,6 +126,9 @@ class Strategy:
     DEFAULTS: ClassVar[dict[str, Any]] = {}
     # families this strategy applies to (None: all); checked before any compute
     FAMILIES: ClassVar[tuple[str, ...] | None] = None
+    # True when the strategy initialises the supernet from a checkpoint of its own choosing (`init_from`):
+    # a size-specific chain cannot hand it inherited weights
+    LOADS_WEIGHTS: ClassVar[bool] = False
 
     def __init__(self, space: SearchSpace, options: Mapping[str, Any], seed: int):
         self.space = space
@@ -137,18 +140,19 @@ class Strategy:
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], where: str = "strategy") -> dict[str, Any]:
         """Fill defaults, refuse unknown keys and wrong types; subclasses add range checks in `check`."""
-        for key in options:
-            if key not in cls.DEFAULTS:
-                raise ConfigError(f"{where}: unknown field '{key}' for strategy '{cls.name}'; "
-                                  f"allowed: {sorted(cls.DEFAULTS)}")
-        out = {**cls.DEFAULTS, **dict(options)}
+        out = c.with_defaults(options, cls.DEFAULTS, where)
         for key, default in cls.DEFAULTS.items():
-            value = out[key]
+            value, field = out[key], c.join(where, key)
             if default is None or value is None:
                 continue
-            kind = (int, float) if isinstance(default, float) else type(default)
-            if not isinstance(value, kind) or (isinstance(value, bool) and not isinstance(default, bool)):
-                raise ConfigError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+            if isinstance(default, bool):
+                c.boolean(value, field)
+            elif isinstance(default, int):
+                c.integer(value, field)
+            elif isinstance(default, float):
+                c.number(value, field)
+            elif not isinstance(value, type(default)):
+                c.fail(field, f"got {value!r}", f"a {type(default).__name__} like {default!r}")
         cls.check(out, where)
         return out
 
@@ -159,8 +163,8 @@ class Strategy:
     @classmethod
     def check_space(cls, space: SearchSpace) -> None:
         if cls.FAMILIES is not None and space.family not in cls.FAMILIES:
-            raise ConfigError(f"strategy: '{cls.name}' applies to families {list(cls.FAMILIES)}, "
-                              f"not to space '{space.name}' (family '{space.family}')")
+            c.fail("strategy", f"'{cls.name}' applies to families {list(cls.FAMILIES)}, not to space "
+                   f"'{space.name}' (family '{space.family}')")
 
     # ---- model and optimizers --------------------------------------------------------------------
     def prepare_model(self, supernet: nn.Module) -> nn.Module:

@@ -11,11 +11,9 @@ import torch
 from raynas.errors import ConfigError
 from raynas.train.losses import label_loss
 from raynas.train.samplers import fair_paths
-from raynas.train.strategies import register_strategy
 from raynas.train.strategies.base import StepContext, Strategy
 
 
-@register_strategy
 class FairStrategy(Strategy):
     name = "fair"
     # paths_per_step 0: the largest number of choices of any dimension (FairNAS's m).

@@ -13,11 +13,9 @@ import torch
 from raynas.errors import ConfigError
 from raynas.train.losses import accuracy, label_loss, soft_target_loss
 from raynas.train.samplers import sandwich_archs
-from raynas.train.strategies import register_strategy
 from raynas.train.strategies.base import StepContext, Strategy
 
 
-@register_strategy
 class SandwichStrategy(Strategy):
     name = "sandwich"
     DEFAULTS = {"num_random": 2, "temperature": 1.0}

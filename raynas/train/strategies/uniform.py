@@ -6,11 +6,9 @@ import torch
 
 from raynas.train.losses import label_loss
 from raynas.train.samplers import uniform_arch
-from raynas.train.strategies import register_strategy
 from raynas.train.strategies.base import StepContext, Strategy
 
 
-@register_strategy
 class UniformStrategy(Strategy):
     name = "uniform"
     DEFAULTS = {}
