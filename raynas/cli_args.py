@@ -12,7 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from raynas.errors import UserError
+from raynas import config
+from raynas.errors import ConfigError, UserError
 
 # argparse's own messages, reworded into `<flag>: <problem>; allowed: <what is>`
 _INVALID_CHOICE = re.compile(r"invalid choice: (?P<value>.*) \(choose from (?P<choices>.*)\)$")
@@ -51,39 +52,31 @@ class ArgumentParser(argparse.ArgumentParser):
         return f"{flag}: {problem}"
 
 
-def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse `type` for integers in [minimum, maximum] (either end may be open)."""
-    bounds = " and ".join(b for b in (minimum is not None and f">= {minimum}",
-                                      maximum is not None and f"<= {maximum}") if b)
-    allowed = f"an integer{' ' + bounds if bounds else ''}"
+def _checked(cast: Callable[[str], Any], check: Callable[[Any, str], Any]) -> Callable[[str], Any]:
+    """An argparse `type`: `cast` the text, then check it with a raynas.config checker, so a flag and a
+    config field are refused in the same words."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}") from None
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"got {value}; allowed: {allowed}")
-        return value
+            value = text  # not a number at all: the checker refuses it, saying what is allowed
+        try:
+            return check(value, "value")
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
 
     return parse
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse `type` for integers in [minimum, maximum] (either end may be open)."""
+    return _checked(int, lambda value, field: config.integer(value, field, minimum, maximum))
 
 
 def number(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
     """An argparse `type` for finite numbers in [low, high] (either end may be open)."""
-    allowed = f"a number in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}") from None
-        if value != value or (low is not None and value < low) or (high is not None and value > high) \
-                or abs(value) == float("inf"):
-            raise argparse.ArgumentTypeError(f"got {text}; allowed: {allowed}")
-        return value
-
-    return parse
+    return _checked(float, lambda value, field: config.number(value, field, low, high))
 
 
 def number_list(low: float | None = None, high: float | None = None) -> Callable[[str], list[float]]:

@@ -94,11 +94,28 @@ def check_known(value: Mapping[str, Any], allowed: Iterable[str], where: str) ->
             fail(join(where, key), "unknown field", sorted(map(str, allowed)))
 
 
+def mapping_list(value: Any, field: str, allowed: Iterable[str]) -> list[dict[str, Any]]:
+    """A non-empty list of mappings (a space's stages), each refusing keys that `allowed` does not name."""
+    if not isinstance(value, list) or not value:
+        fail(field, f"got {value!r}", "a non-empty list of mappings")
+    items = [mapping(item, f"{field}[{i}]") for i, item in enumerate(value)]
+    for i, item in enumerate(items):
+        check_known(item, allowed, f"{field}[{i}]")
+    return items
+
+
 def with_defaults(value: Any, defaults: Mapping[str, Any], where: str) -> dict[str, Any]:
     """`value` (a mapping or None) over a deep copy of `defaults`, refusing unknown keys."""
     value = {} if value is None else mapping(value, where)
     check_known(value, defaults, where)
     return {**copy.deepcopy(dict(defaults)), **value}
+
+
+def required(cfg: Mapping[str, Any], key: str, where: str) -> Any:
+    """`cfg[key]`; a field that has no default must be written out."""
+    if key not in cfg:
+        fail(join(where, key), "missing")
+    return cfg[key]
 
 
 def section(cfg: Mapping[str, Any], key: str, defaults: Mapping[str, Any], where: str | None = None) -> dict:
@@ -116,13 +133,16 @@ def _is_number(value: Any) -> bool:
 
 
 def integer(value: Any, field: str, minimum: int | None = None, maximum: int | None = None,
-            optional: bool = False) -> int | None:
+            optional: bool = False, odd: bool = False) -> int | None:
+    """An integer in [minimum, maximum]; `odd` for kernel sizes."""
     if value is None and optional:
         return None
-    if not _is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+    if (not _is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum)
+            or (odd and value % 2 == 0)):
         bounds = " and ".join(b for b in (minimum is not None and f">= {minimum}", maximum is not None
                                           and f"<= {maximum}") if b)
-        fail(field, f"got {value!r}", f"an integer{' ' + bounds if bounds else ''}" + (" or null" if optional else ""))
+        fail(field, f"got {value!r}", f"a{'n odd' if odd else 'n'} integer{' ' + bounds if bounds else ''}"
+             + (" or null" if optional else ""))
     return value
 
 
@@ -176,7 +196,21 @@ def location(value: Any, field: str, optional: bool = False) -> str | None:
     return storage.normalize(value)
 
 
-def int_choices(value: Any, field: str, minimum: int = 1, odd: bool = False) -> tuple[int, ...]:
+def as_list(value: Any) -> Any:
+    """A choice list may be written as its one value (`stride: 2` for `stride: [2]`)."""
+    return value if isinstance(value, list) else [value]
+
+
+def _as_set(values: tuple, field: str, as_set: bool) -> tuple:
+    """A set of choices (a space's dim): a repeat is an error (2 and 2.0 count as one), order is sorted."""
+    if not as_set:
+        return values
+    if len(set(values)) != len(values):
+        fail(field, f"duplicate choices in {list(values)}", "distinct values")
+    return tuple(sorted(values))
+
+
+def int_choices(value: Any, field: str, minimum: int = 1, odd: bool = False, as_set: bool = False) -> tuple[int, ...]:
     """A non-empty list of integers >= minimum (odd ones only when `odd`, e.g. kernel sizes)."""
     what = f"a non-empty list of {'odd ' if odd else ''}integers >= {minimum}"
     if not isinstance(value, (list, tuple)) or not value:
@@ -184,11 +218,28 @@ def int_choices(value: Any, field: str, minimum: int = 1, odd: bool = False) -> 
     for i, item in enumerate(value):
         if not _is_int(item) or item < minimum or (odd and item % 2 == 0):
             fail(f"{field}[{i}]", f"got {item!r}", what)
-    return tuple(value)
+    return _as_set(tuple(value), field, as_set)
 
 
-def number_choices(value: Any, field: str, low: float = 0.0, low_open: bool = True) -> tuple[float, ...]:
-    """A non-empty list of finite numbers above `low` (e.g. expansion ratios)."""
+def number_choices(value: Any, field: str, low: float = 0.0, low_open: bool = True, high: float | None = None,
+                   as_set: bool = False) -> tuple[float, ...]:
+    """A non-empty list of finite numbers above `low` (e.g. expansion ratios). Items keep their YAML type, so
+    an arch value written 4 stays 4 (not 4.0) in arch JSON and its hash."""
     if not isinstance(value, (list, tuple)) or not value:
         fail(field, f"got {value!r}", f"a non-empty list of numbers {'>' if low_open else '>='} {low}")
-    return tuple(number(item, f"{field}[{i}]", low, low_open=low_open) for i, item in enumerate(value))
+    for i, item in enumerate(value):
+        number(item, f"{field}[{i}]", low, high, low_open=low_open)
+    return _as_set(tuple(value), field, as_set)
+
+
+def names(value: Any, field: str, allowed: Iterable[str], sort: bool = False) -> tuple[str, ...]:
+    """A non-empty list of distinct names from `allowed`, in the order written, or with `sort` in the order of
+    `allowed` (a family's fixed order, whatever order the YAML lists)."""
+    allowed = list(allowed)
+    if not isinstance(value, (list, tuple)) or not value:
+        fail(field, f"got {value!r}", f"a non-empty list of names from {allowed}")
+    for i, item in enumerate(value):
+        choice(item, f"{field}[{i}]", allowed)
+    if len(set(value)) != len(value):
+        fail(field, f"duplicate choices in {list(value)}", "distinct values")
+    return tuple(a for a in allowed if a in value) if sort else tuple(value)

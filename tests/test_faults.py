@@ -230,7 +230,7 @@ def test_pipeline_killed_in_every_stage_resumes_and_survives_unwritable_storage(
 
     # 6. The search resumes from its store; the export is killed once the first subnet is exported.
     p = start("6-export")
-    p.wait_for(lambda: (search / "onnx" / "subnet_0.json").exists(), "first exported subnet")
+    p.wait_for(lambda: (search / "exports" / "subnet_0.json").exists(), "first exported subnet")
     p.kill()
     assert p.says(f"[search] resuming: {len(parts_at_kill)} evaluations already stored"), p.output()[-3000:]
     parts_before_export = _parts(search)

@@ -185,13 +185,13 @@ def test_no_canonicalisation_every_cell_distinct(space):
 
 
 @pytest.mark.parametrize("change,field", [
-    ({"foo": 1}, "space nb201: unknown field 'foo'"),
-    ({"ops": ["none", "conv_5x5"]}, "space nb201.ops: 'conv_5x5' is not allowed"),
+    ({"foo": 1}, "space nb201.foo: unknown field"),
+    ({"ops": ["none", "conv_5x5"]}, "space nb201.ops[1]: 'conv_5x5' is not allowed"),
     ({"ops": ["none"]}, "space nb201.ops"),
-    ({"ops": "none"}, "space nb201.ops: expected list"),
+    ({"ops": "none"}, "space nb201.ops: got 'none'; allowed: a non-empty list"),
     ({"channels": [16, -32]}, "space nb201.channels"),
-    ({"cells_per_stage": "5"}, "space nb201.cells_per_stage: expected int"),
-    ({"nodes": 1}, "space nb201.nodes: must be an integer >= 2"),
+    ({"cells_per_stage": "5"}, "space nb201.cells_per_stage: got '5'; allowed: an integer"),
+    ({"nodes": 1}, "space nb201.nodes: got 1; allowed: an integer >= 2"),
     ({"resolution": 30}, "space nb201.resolution: must be a positive multiple of 4"),
 ])
 def test_yaml_validation_names_the_field(change, field):

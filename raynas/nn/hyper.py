@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raynas.errors import ConfigError
+from raynas import config as c
 
 # Paper values (Appendix A.1: h = 32, N = 64); rank None = h (the paper's z is h x h).
 HYPERNET_DEFAULTS: dict[str, Any] = {
@@ -56,21 +56,10 @@ HYPERNET_DEFAULTS: dict[str, Any] = {
 
 def validate_hypernet_config(cfg: Mapping[str, Any] | None, where: str = "supernet.hypernet") -> dict[str, Any]:
     """The hypernet options with defaults filled in, or ConfigError naming the field."""
-    if cfg is None or cfg is True:
-        cfg = {}
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of options {sorted(HYPERNET_DEFAULTS)}, got {cfg!r}")
-    for key in cfg:
-        if key not in HYPERNET_DEFAULTS:
-            raise ConfigError(f"{where}: unknown field '{key}'; allowed: {sorted(HYPERNET_DEFAULTS)}")
-    out = {**HYPERNET_DEFAULTS, **dict(cfg)}
+    out = c.with_defaults({} if cfg is True else cfg, HYPERNET_DEFAULTS, where)  # `hypernet: true`: the defaults
     minimum = {"h": 1, "n": 1, "rank": 1, "unit": 0, "mixer_depth": 0, "cab_reduction": 1}
     for key, low in minimum.items():
-        value = out[key]
-        if key == "rank" and value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{where}.{key}: expected an integer >= {low}, got {value!r}")
+        c.integer(out[key], f"{where}.{key}", minimum=low, optional=key == "rank")  # rank None = h
     return out
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raynas.errors import ConfigError
+from raynas import config as c
 from raynas.nn.dynamic import DynamicLinear
 
 # The block layers MoLE adapts, in router-output order (the classifier has its own router head).
@@ -52,26 +52,13 @@ MOLE_DEFAULTS: dict[str, Any] = {
 
 def validate_mole_config(config: Mapping[str, Any] | None, where: str = "mole") -> dict[str, Any]:
     """Defaults filled in; unknown keys and bad values raise ConfigError naming `{where}.{key}`."""
-    config = dict(config or {})
-    for key in config:
-        if key not in MOLE_DEFAULTS:
-            raise ConfigError(f"{where}: unknown field '{key}'; allowed: {sorted(MOLE_DEFAULTS)}")
-    out = {**MOLE_DEFAULTS, **config}
+    out = c.with_defaults(config, MOLE_DEFAULTS, where)
     for key in ("rank", "router_embed", "router_hidden"):
-        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
-            raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {out[key]!r}")
-    if not isinstance(out["num_experts"], int) or isinstance(out["num_experts"], bool) or out["num_experts"] < 0:
-        raise ConfigError(f"{where}.num_experts: expected an integer >= 0 (0: one per group), "
-                          f"got {out['num_experts']!r}")
-    for key in ("alpha", "init_bias"):
-        value = out[key]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
-        out[key] = float(value)
-    if out["alpha"] <= 0:
-        raise ConfigError(f"{where}.alpha: expected a number > 0, got {out['alpha']!r}")
-    if out["router_init"] not in ROUTER_INITS:
-        raise ConfigError(f"{where}.router_init: {out['router_init']!r} is not allowed; allowed: {list(ROUTER_INITS)}")
+        c.integer(out[key], f"{where}.{key}", minimum=1)
+    c.integer(out["num_experts"], f"{where}.num_experts", minimum=0)  # 0: one per group
+    out["alpha"] = c.number(out["alpha"], f"{where}.alpha", 0.0, low_open=True)
+    out["init_bias"] = c.number(out["init_bias"], f"{where}.init_bias")
+    c.choice(out["router_init"], f"{where}.router_init", ROUTER_INITS)
     return out
 
 
@@ -202,7 +189,7 @@ class LSTMRouter(nn.Module):
             for b in (self.block_bias, self.head_bias):
                 nn.init.uniform_(b, -bound, bound)
         else:
-            raise ConfigError(f"mole.router_init: {init!r} is not allowed; allowed: {list(ROUTER_INITS)}")
+            c.fail("mole.router_init", f"{init!r} is not allowed", list(ROUTER_INITS))
 
     def attribute_indices(self, attributes: list[tuple[int, float, int]]) -> tuple[torch.Tensor, ...]:
         try:

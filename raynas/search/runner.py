@@ -5,8 +5,8 @@ run_dir (a local path or a URI such as s3://bucket/prefix; every file goes throu
   evaluations/part-*.parquet  one file per finished evaluation (append-only; `--resume` reads them)
   evaluations.parquet      all evaluations, compacted at the end
   front.parquet            the Pareto front (feasible evaluations only)
-  onnx/subnet_<i>.onnx     the exported subnets, verified against PyTorch
-  onnx/subnet_<i>.json     each one's export record (arch, ONNX digest, measurement): a re-run reuses it
+  onnx/subnet_<i>.onnx     the exported subnets, verified against PyTorch (only them: a folder to deploy)
+  exports/subnet_<i>.json  each one's export record (arch, ONNX digest, measurement): a re-run reuses it
   exported.parquet         exported subnets: predicted vs measured latency on the target device
   report.md, pareto.png    the report
 """
@@ -98,26 +98,26 @@ def export_and_measure(supernet, chosen: list[dict], run_dir: str, device: str |
     """Export each chosen subnet to verified ONNX in run_dir/onnx; measure it on the target device's node.
 
     Each record's `onnx` is relative to run_dir, so the run reads the same wherever it is copied. Each
-    subnet's export (and then its measurement) is recorded in `onnx/subnet_<i>.json` beside its ONNX, with
-    the ONNX bytes' digest: a re-run (a killed pipeline's) reuses what that record vouches for and redoes
+    subnet's export (and then its measurement) is recorded in `exports/subnet_<i>.json`, with the ONNX
+    bytes' digest: a re-run (a killed pipeline's) reuses what that record vouches for and redoes
     the rest, including an ONNX file that does not match its record (torn, or from an older run).
     """
     from raynas.hw.onnx_export import export_onnx
 
-    records, reused = [], 0  # per subnet: what its `subnet_<i>.json` holds
+    records, reused = [], 0  # per subnet: what its `exports/subnet_<i>.json` holds
     for i, rec in enumerate(chosen):
         location = storage.join(run_dir, "onnx", f"subnet_{i}.onnx")
-        done = _stored_export(location, _record_of(location), rec["arch"])
+        done = _stored_export(location, _record_of(run_dir, i), rec["arch"])
         if done is None:
             subnet = supernet.extract(Arch.from_json(rec["arch"]))
             check = export_onnx(subnet, supernet.input_shape(1), location)
             done = {"arch": rec["arch"], "onnx": f"onnx/subnet_{i}.onnx", "onnx_max_abs_diff": check["max_abs_diff"],
                     "onnx_sha256": _digest(storage.read_bytes(location, "onnx"))}
-            storage.write_json(_record_of(location), done)
+            storage.write_json(_record_of(run_dir, i), done)
         else:
             reused += 1
         records.append(done)
-    todo = [done for done in records if device and done.get("device") != device]
+    todo = [i for i, done in enumerate(records) if device and done.get("device") != device]
     log(f"[search] export: {len(records)} subnets, {reused} already exported, {len(todo)} to measure")
     if todo:
         from raynas.hw.devices import get_device
@@ -125,21 +125,21 @@ def export_and_measure(supernet, chosen: list[dict], run_dir: str, device: str |
 
         profiler = start_profiler(get_device(device, devices_file))
         # The device's node receives the models' bytes: it need not see run_dir.
-        items = [(done["onnx"], storage.read_bytes(storage.join(run_dir, done["onnx"]), "onnx"),
-                  supernet.input_shape(1)) for done in todo]
+        items = [(records[i]["onnx"], storage.read_bytes(storage.join(run_dir, records[i]["onnx"]), "onnx"),
+                  supernet.input_shape(1)) for i in todo]
         try:
             timings = profiler.measure(items)
         finally:
             profiler.stop()
-        for done, t in zip(todo, timings):
-            done.update(measured_ms=t["median_ms"], measured_iqr_ms=t["iqr_ms"], measured_runs=t["runs"],
-                        measured_on=t["hostname"], measured_node=t["node_id"], device=device)
-            storage.write_json(_record_of(storage.join(run_dir, done["onnx"])), done)
+        for i, t in zip(todo, timings):
+            records[i].update(measured_ms=t["median_ms"], measured_iqr_ms=t["iqr_ms"], measured_runs=t["runs"],
+                              measured_on=t["hostname"], measured_node=t["node_id"], device=device)
+            storage.write_json(_record_of(run_dir, i), records[i])
     return [{**rec, **done} for rec, done in zip(chosen, records)]
 
 
-def _record_of(onnx_location: str) -> str:
-    return onnx_location[:-len(".onnx")] + ".json"
+def _record_of(run_dir: str, i: int) -> str:
+    return storage.join(run_dir, "exports", f"subnet_{i}.json")
 
 
 def _digest(data: bytes) -> str:

@@ -4,9 +4,7 @@ from raynas.space.arch import Arch
 from raynas.space.loader import (
     FAMILIES,
     builtin_space_names,
-    check_keys,
     load_space,
-    require,
     space_from_config,
 )
 from raynas.space.space import Dim, SearchSpace, SpaceError
@@ -18,8 +16,6 @@ __all__ = [
     "SearchSpace",
     "SpaceError",
     "builtin_space_names",
-    "check_keys",
     "load_space",
-    "require",
     "space_from_config",
 ]

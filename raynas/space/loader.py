@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from raynas.config import read_yaml
+from raynas import config as c
+from raynas.errors import ConfigError
 from raynas.registry import Registry
 from raynas.space.space import SearchSpace, SpaceError
 
@@ -36,27 +37,9 @@ def builtin_space_names() -> list[str]:
     return sorted(p.stem for p in builtin_spaces_dir().glob("*.yaml"))
 
 
-def check_keys(cfg: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
-    """Refuse unknown keys, naming the first one and the allowed set."""
-    allowed = list(allowed)
-    for key in cfg:
-        if key not in allowed:
-            raise SpaceError(f"{where}: unknown field '{key}'; allowed: {allowed}")
-
-
-def require(cfg: Mapping[str, Any], key: str, where: str, kind: type | tuple = object) -> Any:
-    if key not in cfg:
-        raise SpaceError(f"{where}.{key}: missing")
-    value = cfg[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise SpaceError(f"{where}.{key}: expected {names}, got {value!r}")
-    return value
-
-
 def read_space_yaml(path: str | Path) -> dict:
     """A space declaration; one line naming the file when it is not a YAML mapping."""
-    return read_yaml(str(path), "space")
+    return c.read_yaml(str(path), "space")
 
 
 def family_module(family: str):
@@ -71,12 +54,15 @@ def space_from_config(cfg: Mapping[str, Any], **overrides: Any) -> SearchSpace:
             if key not in ("resolution", "num_classes", "in_channels"):
                 raise SpaceError(f"override '{key}': allowed overrides are resolution, num_classes, in_channels")
             cfg[key] = value
-    name = require(cfg, "name", "space", str)
-    family = require(cfg, "family", f"space {name}", str)
-    for key in ("resolution", "num_classes", "in_channels"):
-        if key in cfg and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1):
-            raise SpaceError(f"space {name}.{key}: expected a positive integer, got {cfg[key]!r}")
-    space = family_module(family).build_space(cfg)
+    try:
+        name = c.string(c.required(cfg, "name", "space"), "space.name")
+        family = c.string(c.required(cfg, "family", f"space {name}"), f"space {name}.family")
+        for key in ("resolution", "num_classes", "in_channels"):
+            if key in cfg:
+                c.integer(cfg[key], f"space {name}.{key}", minimum=1)
+        space = family_module(family).build_space(cfg)
+    except ConfigError as exc:  # the one place a family's config-layer error becomes the space's error type
+        raise SpaceError(str(exc)) from None
     space.config = dict(cfg)  # the full declaration, so a checkpoint can rebuild exactly this space
     return space
 

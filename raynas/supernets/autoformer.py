@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
+from raynas import config as c
 from raynas.nn.attention import DynamicTransformerBlock
 from raynas.nn.dynamic import DynamicLayerNorm, DynamicLinear
 from raynas.space import Arch, SearchSpace
-from raynas.space.loader import COMMON_KEYS, check_keys, require
+from raynas.space.loader import COMMON_KEYS
 from raynas.space.space import Dim, SpaceError
 from raynas.supernets.base import Block, Supernet, declared_fields
 
@@ -107,61 +108,33 @@ class AutoFormerSpace(SearchSpace):
         return [(arch[heads_name(i)], arch[mlp_ratio_name(i)], e) for i in range(arch[depth_name()])]
 
 
-def _choices(cfg: Mapping[str, Any], key: str, where: str, kind: type | tuple) -> tuple:
-    values = require(cfg, key, where, list)
-    if not values:
-        raise SpaceError(f"{where}.{key}: needs at least one choice")
-    for v in values:
-        if not isinstance(v, kind) or isinstance(v, bool) or v <= 0:
-            allowed = "positive integers" if kind is int else "positive numbers"
-            raise SpaceError(f"{where}.{key}: {v!r} is not allowed; allowed: a list of {allowed}")
-    if len(set(values)) != len(values):
-        raise SpaceError(f"{where}.{key}: duplicate choices in {values}")
-    return tuple(sorted(values))
-
-
-def _positive_int(cfg: Mapping[str, Any], key: str, where: str, default: int | None = None) -> int:
-    if key not in cfg and default is not None:
-        return default
-    value = require(cfg, key, where, int)
-    if value < 1:
-        raise SpaceError(f"{where}.{key}: {value} is not allowed; allowed: a positive integer")
-    return value
-
-
 def parse_spec(cfg: Mapping[str, Any], where: str) -> AutoFormerSpec:
-    patch = _positive_int(cfg, "patch_size", where)
+    patch = c.integer(c.required(cfg, "patch_size", where), f"{where}.patch_size", minimum=1)
     resolution = cfg.get("resolution", 224)
     if resolution % patch:
-        raise SpaceError(f"{where}.resolution: {resolution} is not allowed with patch_size {patch}; "
-                         f"allowed: multiples of {patch}")
-    ratios = tuple(float(r) for r in _choices(cfg, "mlp_ratio", where, (int, float)))
-    embeds = _choices(cfg, "embed_dim", where, int)
+        c.fail(f"{where}.resolution", f"{resolution} is not allowed with patch_size {patch}", f"multiples of {patch}")
+    ratios = tuple(float(r) for r in c.number_choices(c.required(cfg, "mlp_ratio", where), f"{where}.mlp_ratio",
+                                                      as_set=True))
+    embeds = c.int_choices(c.required(cfg, "embed_dim", where), f"{where}.embed_dim", as_set=True)
     if mlp_hidden(embeds[0], ratios[0]) < 1:
-        raise SpaceError(f"{where}.mlp_ratio: {ratios[0]} gives an empty MLP at embed_dim {embeds[0]}; "
-                         f"allowed: ratios with embed_dim * ratio >= 1")
-    qkv_bias = cfg.get("qkv_bias", True)
-    if not isinstance(qkv_bias, bool):
-        raise SpaceError(f"{where}.qkv_bias: expected true or false, got {qkv_bias!r}")
-    pool = cfg.get("global_pool", "cls")
-    if pool not in POOLS:
-        raise SpaceError(f"{where}.global_pool: {pool!r} is not allowed; allowed: {list(POOLS)}")
+        c.fail(f"{where}.mlp_ratio", f"{ratios[0]} gives an empty MLP at embed_dim {embeds[0]}",
+               "ratios with embed_dim * ratio >= 1")
     return AutoFormerSpec(
         patch_size=patch,
-        head_dim=_positive_int(cfg, "head_dim", where, default=64),
+        head_dim=c.integer(cfg.get("head_dim", 64), f"{where}.head_dim", minimum=1),
         embed_dims=embeds,
-        depths=_choices(cfg, "depth", where, int),
-        num_heads=_choices(cfg, "num_heads", where, int),
+        depths=c.int_choices(c.required(cfg, "depth", where), f"{where}.depth", as_set=True),
+        num_heads=c.int_choices(c.required(cfg, "num_heads", where), f"{where}.num_heads", as_set=True),
         mlp_ratios=ratios,
-        qkv_bias=qkv_bias,
-        global_pool=pool,
+        qkv_bias=c.boolean(cfg.get("qkv_bias", True), f"{where}.qkv_bias"),
+        global_pool=c.choice(cfg.get("global_pool", "cls"), f"{where}.global_pool", POOLS),
     )
 
 
 def build_space(cfg: dict) -> AutoFormerSpace:
     name = cfg["name"]
     where = f"space {name}"
-    check_keys(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    c.check_known(cfg, COMMON_KEYS + FAMILY_KEYS, where)
     spec = parse_spec(cfg, where)
     dims = [Dim(embed_dim_name(), spec.embed_dims), Dim(depth_name(), spec.depths)]
     for i in range(spec.max_depth):

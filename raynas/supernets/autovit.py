@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from raynas import config as c
 from raynas.nn.layers import conv_out_size
 from raynas.space import Arch, SearchSpace
-from raynas.space.loader import COMMON_KEYS, check_keys, require
+from raynas.space.loader import COMMON_KEYS
 from raynas.space.space import Dim, SpaceError
 from raynas.supernets.autovit_blocks import (
     DynamicMBPoolHead,
@@ -88,100 +89,72 @@ class AutoVitSpec:
     head_expansion: float | None  # None: MobileViT head; a number: NASViT's MBPool expansion
 
 
-def _choices(value: Any, where: str, kind: str = "int", odd: bool = False, at_least: float = 1) -> tuple:
-    """A scalar or a list of choices -> sorted tuple; `kind` 'int' or 'number'."""
-    values = value if isinstance(value, list) else [value]
-    allowed = f"{'odd ' if odd else ''}{'integers' if kind == 'int' else 'numbers'} >= {at_least:g}"
-    if not values:
-        raise SpaceError(f"{where}: needs at least one choice; allowed: {allowed} (a value or a list)")
-    for v in values:
-        ok_type = isinstance(v, int) if kind == "int" else isinstance(v, (int, float))
-        if isinstance(v, bool) or not ok_type or v < at_least or (odd and v % 2 == 0):
-            raise SpaceError(f"{where}: {v!r} is not allowed; allowed: {allowed} (a value or a list)")
-    if len(set(values)) != len(values):
-        raise SpaceError(f"{where}: duplicate choices in {values}")
-    return tuple(sorted(float(v) for v in values)) if kind == "number" else tuple(sorted(values))
-
-
-def _one(value: Any, where: str, kind: str = "int", odd: bool = False, options: Sequence | None = None):
-    if isinstance(value, list):
-        raise SpaceError(f"{where}: expected a single value, got a list")
-    (v,) = _choices(value, where, kind, odd)
-    if options is not None and v not in options:
-        raise SpaceError(f"{where}: {v!r} is not allowed; allowed: {list(options)}")
-    return v
-
-
 def _stage_name(cfg: Mapping, where: str, seen: set) -> str:
-    name = require(cfg, "name", where, str)
+    name = c.string(c.required(cfg, "name", where), f"{where}.name")
     if not _STAGE_NAME.match(name) or name in seen or name in ("stem", "head", "transformer"):
-        raise SpaceError(f"{where}.name: {name!r} is not allowed; allowed: a new lowercase identifier "
-                         f"other than stem/head/transformer (taken: {sorted(seen)})")
+        c.fail(f"{where}.name", f"{name!r} is not allowed",
+               f"a new lowercase identifier other than stem/head/transformer (taken: {sorted(seen)})")
     seen.add(name)
     return name
 
 
-def _stage_list(cfg: Mapping, key: str, where: str) -> list:
-    stages = require(cfg, key, where, list)
-    if not stages:
-        raise SpaceError(f"{where}.{key}: needs at least one stage")
-    for i, stage in enumerate(stages):
-        if not isinstance(stage, dict):
-            raise SpaceError(f"{where}.{key}[{i}]: expected a mapping, got {stage!r}")
-    return stages
-
-
 def _mbconv_choices(st: Mapping, w: str) -> dict:
-    return {"expansions": _choices(st.get("expansion", 1), f"{w}.expansion", "number"),
-            "kernels": _choices(st.get("kernel", 3), f"{w}.kernel", odd=True)}
+    expansions = c.number_choices(c.as_list(st.get("expansion", 1)), f"{w}.expansion", 1.0, low_open=False,
+                                  as_set=True)
+    return {"expansions": tuple(map(float, expansions)),
+            "kernels": c.int_choices(c.as_list(st.get("kernel", 3)), f"{w}.kernel", odd=True, as_set=True)}
 
 
 def _transformer_choices(st: Mapping, w: str) -> dict:
-    return {"heads": _choices(require(st, "heads", w), f"{w}.heads"),
-            "mlp_ratios": _choices(require(st, "mlp_ratios", w), f"{w}.mlp_ratios", "number", at_least=0.25)}
+    ratios = c.number_choices(c.as_list(c.required(st, "mlp_ratios", w)), f"{w}.mlp_ratios", 0.25, low_open=False,
+                              as_set=True)
+    return {"heads": c.int_choices(c.as_list(c.required(st, "heads", w)), f"{w}.heads", as_set=True),
+            "mlp_ratios": tuple(map(float, ratios))}
 
 
 def _stages(cfg: Mapping, key: str, keys: tuple[str, ...], where: str, seen: set, cls: type,
             own_fields: Callable[[Mapping, str], dict]) -> tuple:
     """The stages under `key`: the fields every stage has, plus `own_fields(stage, where)`."""
     out = []
-    for i, st in enumerate(_stage_list(cfg, key, where)):
+    for i, st in enumerate(c.mapping_list(c.required(cfg, key, where), f"{where}.{key}", keys)):
         w = f"{where}.{key}[{i}]"
-        check_keys(st, keys, w)
-        out.append(cls(name=_stage_name(st, w, seen), widths=_choices(require(st, "widths", w), f"{w}.widths"),
-                       depths=_choices(require(st, "depths", w), f"{w}.depths"), **own_fields(st, w),
-                       stride=_one(require(st, "stride", w), f"{w}.stride", options=(1, 2))))
+        out.append(cls(name=_stage_name(st, w, seen),
+                       widths=c.int_choices(c.as_list(c.required(st, "widths", w)), f"{w}.widths", as_set=True),
+                       depths=c.int_choices(c.as_list(c.required(st, "depths", w)), f"{w}.depths", as_set=True),
+                       **own_fields(st, w),
+                       stride=c.integer(c.required(st, "stride", w), f"{w}.stride", 1, 2)))
     return tuple(out)
 
 
 def parse_spec(cfg: Mapping[str, Any], where: str) -> AutoVitSpec:
-    stem = require(cfg, "stem", where, dict)
-    check_keys(stem, STEM_KEYS, f"{where}.stem")
+    ws, wh = f"{where}.stem", f"{where}.head"
+    stem = c.mapping(c.required(cfg, "stem", where), ws)
+    c.check_known(stem, STEM_KEYS, ws)
     seen: set[str] = set()
     conv_stages = _stages(cfg, "conv_stages", CONV_STAGE_KEYS, where, seen, ConvStage, _mbconv_choices)
     transformer_stages = _stages(cfg, "transformer_stages", TRANSFORMER_STAGE_KEYS, where, seen, TransformerStage,
                                  _transformer_choices)
     n = len(transformer_stages)
-    num_stages = _choices(cfg.get("num_transformer_stages", n), f"{where}.num_transformer_stages")
+    num_stages = c.int_choices(c.as_list(cfg.get("num_transformer_stages", n)), f"{where}.num_transformer_stages",
+                               as_set=True)
     if num_stages[-1] > n:
-        raise SpaceError(f"{where}.num_transformer_stages: {num_stages[-1]} is not allowed; "
-                         f"allowed: 1..{n} (the number of transformer_stages)")
-    head = require(cfg, "head", where, dict)
-    check_keys(head, HEAD_KEYS, f"{where}.head")
+        c.fail(f"{where}.num_transformer_stages", f"{num_stages[-1]} is not allowed",
+               f"1..{n} (the number of transformer_stages)")
+    head = c.mapping(c.required(cfg, "head", where), wh)
+    c.check_known(head, HEAD_KEYS, wh)
     return AutoVitSpec(
-        patch_size=_one(require(cfg, "patch_size", where), f"{where}.patch_size"),
-        head_dim=_one(require(cfg, "head_dim", where), f"{where}.head_dim"),
-        kernel=_one(cfg.get("kernel", 3), f"{where}.kernel", odd=True),
-        transition_expansion=_one(cfg.get("transition_expansion", 1), f"{where}.transition_expansion", "number"),
-        stem_widths=_choices(require(stem, "widths", f"{where}.stem"), f"{where}.stem.widths"),
-        stem_kernel=_one(stem.get("kernel", 3), f"{where}.stem.kernel", odd=True),
-        stem_stride=_one(stem.get("stride", 2), f"{where}.stem.stride", options=(1, 2)),
+        patch_size=c.integer(c.required(cfg, "patch_size", where), f"{where}.patch_size", minimum=1),
+        head_dim=c.integer(c.required(cfg, "head_dim", where), f"{where}.head_dim", minimum=1),
+        kernel=c.integer(cfg.get("kernel", 3), f"{where}.kernel", minimum=1, odd=True),
+        transition_expansion=c.number(cfg.get("transition_expansion", 1), f"{where}.transition_expansion", 1.0),
+        stem_widths=c.int_choices(c.as_list(c.required(stem, "widths", ws)), f"{ws}.widths", as_set=True),
+        stem_kernel=c.integer(stem.get("kernel", 3), f"{ws}.kernel", minimum=1, odd=True),
+        stem_stride=c.integer(stem.get("stride", 2), f"{ws}.stride", 1, 2),
         conv_stages=conv_stages,
         transformer_stages=transformer_stages,
         num_stages=num_stages,
-        head_widths=_choices(require(head, "widths", f"{where}.head"), f"{where}.head.widths"),
-        head_expansion=(None if head.get("expansion") is None
-                        else _one(head["expansion"], f"{where}.head.expansion", "number")),
+        head_widths=c.int_choices(c.as_list(c.required(head, "widths", wh)), f"{wh}.widths", as_set=True),
+        head_expansion=c.number(head.get("expansion"), f"{wh}.expansion", 1.0, optional=True),
     )
 
 
@@ -230,7 +203,7 @@ def _transformer_fields(st: TransformerStage) -> tuple[tuple[str, tuple], ...]:
 def build_space(cfg: dict) -> AutoVitSpace:
     name = cfg["name"]
     where = f"space {name}"
-    check_keys(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    c.check_known(cfg, COMMON_KEYS + FAMILY_KEYS, where)
     spec = parse_spec(cfg, where)
     dims = []
 

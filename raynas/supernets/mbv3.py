@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from raynas import config as c
 from raynas.nn.dynamic import make_divisible
 from raynas.nn.layers import DynamicInvertedResidual, conv_out_size
-from raynas.space import Arch, Dim, SearchSpace, SpaceError, check_keys, require
+from raynas.space import Arch, Dim, SearchSpace, SpaceError
 from raynas.space.loader import COMMON_KEYS
 from raynas.supernets.base import Block, StageSpec, Supernet, declared_fields
 from raynas.supernets.mbv3_blocks import (
@@ -115,107 +116,55 @@ class MBV3Structure:
 
 
 # ---- YAML validation -----------------------------------------------------------------------------
-def _positive_int(cfg: Mapping, key: str, where: str) -> int:
-    value = require(cfg, key, where, int)
-    if value < 1:
-        raise SpaceError(f"{where}.{key}: expected a positive integer, got {value!r}")
-    return value
-
-
-def _odd_kernel(cfg: Mapping, key: str, where: str) -> int:
-    value = _positive_int(cfg, key, where)
-    if value % 2 == 0:
-        raise SpaceError(f"{where}.{key}: expected an odd kernel size (1, 3, 5, 7, ...), got {value}")
-    return value
-
-
-def _stride(cfg: Mapping, key: str, where: str) -> int:
-    value = require(cfg, key, where, int)
-    if value not in (1, 2):
-        raise SpaceError(f"{where}.{key}: {value!r} is not allowed; allowed: [1, 2]")
-    return value
-
-
-def _act(cfg: Mapping, key: str, where: str) -> str:
-    value = require(cfg, key, where, str)
-    if value not in ACTIVATIONS:
-        raise SpaceError(f"{where}.{key}: {value!r} is not allowed; allowed: {sorted(ACTIVATIONS)}")
-    return value
-
-
-def _int_choices(cfg: Mapping, key: str, where: str, what: str, odd: bool = False) -> tuple[int, ...]:
-    values = require(cfg, key, where, list)
-    ok = values and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 and (v % 2 or not odd)
-                        for v in values)
-    if not ok or len(set(values)) != len(values):
-        raise SpaceError(f"{where}.{key}: expected a non-empty list of distinct {what}, got {values!r}")
-    return tuple(sorted(values))
-
-
-def _width_choices(cfg: Mapping, key: str, where: str) -> tuple[float, ...]:
-    values = require(cfg, key, where, list)
-    ok = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 4 for v in values)
-    if not ok or len({float(v) for v in values}) != len(values):
-        raise SpaceError(f"{where}.{key}: expected a non-empty list of distinct multipliers in (0, 4], "
-                         f"got {values!r}")
-    return tuple(sorted(float(v) for v in values))
-
-
-def _mapping(cfg: Mapping, key: str, where: str, allowed: tuple[str, ...]) -> dict:
-    value = require(cfg, key, where, dict)
-    check_keys(value, allowed, f"{where}.{key}")
-    return value
-
-
 def parse_structure(cfg: Mapping[str, Any], where: str) -> MBV3Structure:
     """Validate the family keys of a space declaration; errors name `space <name>.<field>`."""
-    stem = _mapping(cfg, "stem", where, STEM_KEYS)
-    first = _mapping(cfg, "first_block", where, FIRST_BLOCK_KEYS)
-    head = _mapping(cfg, "head", where, HEAD_KEYS)
-    depths = _int_choices(cfg, "depth_choices", where, "positive integers")
-    kernels = _int_choices(cfg, "kernel_choices", where, "odd positive integers", odd=True)
-    expands = _int_choices(cfg, "expand_choices", where, "positive integers")
-    stages_cfg = require(cfg, "stages", where, list)
-    if not stages_cfg:
-        raise SpaceError(f"{where}.stages: expected a non-empty list of stages")
+    ws, wf, wh = f"{where}.stem", f"{where}.first_block", f"{where}.head"
+    stem, first, head = (c.mapping(c.required(cfg, key, where), w)
+                         for key, w in (("stem", ws), ("first_block", wf), ("head", wh)))
+    c.check_known(stem, STEM_KEYS, ws)
+    c.check_known(first, FIRST_BLOCK_KEYS, wf)
+    c.check_known(head, HEAD_KEYS, wh)
+    acts = sorted(ACTIVATIONS)
+    depths = c.int_choices(c.required(cfg, "depth_choices", where), f"{where}.depth_choices", as_set=True)
+    kernels = c.int_choices(c.required(cfg, "kernel_choices", where), f"{where}.kernel_choices", odd=True, as_set=True)
+    expands = c.int_choices(c.required(cfg, "expand_choices", where), f"{where}.expand_choices", as_set=True)
     stages = []
-    for i, st in enumerate(stages_cfg):
+    for i, st in enumerate(c.mapping_list(c.required(cfg, "stages", where), f"{where}.stages", STAGE_KEYS)):
         w = f"{where}.stages[{i}]"
-        if not isinstance(st, dict):
-            raise SpaceError(f"{w}: expected a mapping with keys {list(STAGE_KEYS)}")
-        check_keys(st, STAGE_KEYS, w)
-        se = require(st, "se", w, bool)
         stages.append(MBV3Stage(
-            widths=(_positive_int(st, "channels", w),), stride=_stride(st, "stride", w), act=_act(st, "act", w),
-            se=se,
-            depths=_int_choices(st, "depth_choices", w, "positive integers") if "depth_choices" in st else depths,
-            kernels=(_int_choices(st, "kernel_choices", w, "odd positive integers", odd=True)
+            widths=(c.integer(c.required(st, "channels", w), f"{w}.channels", minimum=1),),
+            stride=c.integer(c.required(st, "stride", w), f"{w}.stride", 1, 2),
+            act=c.choice(c.required(st, "act", w), f"{w}.act", acts),
+            se=c.boolean(c.required(st, "se", w), f"{w}.se"),
+            # a stage's own choice lists, else the space-wide ones
+            depths=(c.int_choices(st["depth_choices"], f"{w}.depth_choices", as_set=True)
+                    if "depth_choices" in st else depths),
+            kernels=(c.int_choices(st["kernel_choices"], f"{w}.kernel_choices", odd=True, as_set=True)
                      if "kernel_choices" in st else kernels),
-            expansions=(_int_choices(st, "expand_choices", w, "positive integers")
+            expansions=(c.int_choices(st["expand_choices"], f"{w}.expand_choices", as_set=True)
                         if "expand_choices" in st else expands),
         ))
-    dropout = require(head, "dropout", f"{where}.head", (int, float)) if "dropout" in head else 0.0
-    if not 0 <= dropout < 1:
-        raise SpaceError(f"{where}.head.dropout: expected a number in [0, 1), got {dropout!r}")
     return MBV3Structure(
-        stem_channels=_positive_int(stem, "channels", f"{where}.stem"),
-        stem_kernel=_odd_kernel(stem, "kernel", f"{where}.stem"),
-        stem_stride=_stride(stem, "stride", f"{where}.stem"),
-        stem_act=_act(stem, "act", f"{where}.stem"),
-        first_channels=_positive_int(first, "channels", f"{where}.first_block"),
-        first_kernel=_odd_kernel(first, "kernel", f"{where}.first_block"),
-        first_expand=_positive_int(first, "expand", f"{where}.first_block"),
-        first_act=_act(first, "act", f"{where}.first_block"),
-        first_se=require(first, "se", f"{where}.first_block", bool),
+        stem_channels=c.integer(c.required(stem, "channels", ws), f"{ws}.channels", minimum=1),
+        stem_kernel=c.integer(c.required(stem, "kernel", ws), f"{ws}.kernel", minimum=1, odd=True),
+        stem_stride=c.integer(c.required(stem, "stride", ws), f"{ws}.stride", 1, 2),
+        stem_act=c.choice(c.required(stem, "act", ws), f"{ws}.act", acts),
+        first_channels=c.integer(c.required(first, "channels", wf), f"{wf}.channels", minimum=1),
+        first_kernel=c.integer(c.required(first, "kernel", wf), f"{wf}.kernel", minimum=1, odd=True),
+        first_expand=c.integer(c.required(first, "expand", wf), f"{wf}.expand", minimum=1),
+        first_act=c.choice(c.required(first, "act", wf), f"{wf}.act", acts),
+        first_se=c.boolean(c.required(first, "se", wf), f"{wf}.se"),
         stages=tuple(stages),
-        head_expand=_positive_int(head, "expand", f"{where}.head"),
-        head_features=_positive_int(head, "features", f"{where}.head"),
-        head_act=_act(head, "act", f"{where}.head"),
-        dropout=float(dropout),
-        widths=_width_choices(cfg, "width_choices", where),
-        resolutions=_int_choices(cfg, "resolution_choices", where, "positive integers"),
-        divisor=_positive_int(cfg, "channel_divisor", where),
-        se_reduction=_positive_int(cfg, "se_reduction", where),
+        head_expand=c.integer(c.required(head, "expand", wh), f"{wh}.expand", minimum=1),
+        head_features=c.integer(c.required(head, "features", wh), f"{wh}.features", minimum=1),
+        head_act=c.choice(c.required(head, "act", wh), f"{wh}.act", acts),
+        dropout=c.number(head.get("dropout", 0.0), f"{wh}.dropout", 0.0, 1.0, high_open=True),
+        widths=tuple(float(m) for m in c.number_choices(c.required(cfg, "width_choices", where),
+                                                        f"{where}.width_choices", high=4.0, as_set=True)),
+        resolutions=c.int_choices(c.required(cfg, "resolution_choices", where), f"{where}.resolution_choices",
+                                  as_set=True),
+        divisor=c.integer(c.required(cfg, "channel_divisor", where), f"{where}.channel_divisor", minimum=1),
+        se_reduction=c.integer(c.required(cfg, "se_reduction", where), f"{where}.se_reduction", minimum=1),
     )
 
 
@@ -266,7 +215,7 @@ class MBV3Space(SearchSpace):
 def build_space(cfg: dict) -> MBV3Space:
     name = cfg["name"]
     where = f"space {name}"
-    check_keys(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    c.check_known(cfg, COMMON_KEYS + FAMILY_KEYS, where)
     structure = parse_structure(cfg, where)
     resolution = cfg.get("resolution", max(structure.resolutions))
     searched = tuple(r for r in structure.resolutions if r <= resolution)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from raynas.space import Arch, Dim, SearchSpace, SpaceError, check_keys, require
+from raynas import config
+from raynas.space import Arch, Dim, SearchSpace, SpaceError
 from raynas.space.loader import COMMON_KEYS
 from raynas.supernets.base import Block, TopologySupernet, declared_fields
 from raynas.supernets.nb201_ops import (
@@ -158,30 +159,17 @@ class NB201Space(SearchSpace):
         return self.cost(arch, resolution)["macs"] + self.num_classes
 
 
-def _positive_int(cfg: Mapping[str, Any], key: str, where: str, minimum: int = 1) -> int:
-    value = require(cfg, key, where, int)
-    if value < minimum:
-        raise SpaceError(f"{where}.{key}: must be an integer >= {minimum}, got {value}")
-    return value
-
-
 def build_space(cfg: dict) -> NB201Space:
     name = cfg["name"]
     where = f"space {name}"
-    check_keys(cfg, COMMON_KEYS + FAMILY_KEYS, where)
-    channels = require(cfg, "channels", where, list)
-    if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
-        raise SpaceError(f"{where}.channels: expected a non-empty list of positive integers "
-                         f"(one per stage), got {channels!r}")
-    cells = _positive_int(cfg, "cells_per_stage", where)
-    nodes = _positive_int(cfg, "nodes", where, minimum=2)
-    ops = require(cfg, "ops", where, list)
-    for op in ops:
-        if op not in OP_NAMES:
-            raise SpaceError(f"{where}.ops: {op!r} is not allowed; allowed: {list(OP_NAMES)}")
-    if len(set(ops)) != len(ops) or not any(op != "none" for op in ops):
-        raise SpaceError(f"{where}.ops: expected distinct ops including at least one besides 'none' "
-                         f"(allowed: {list(OP_NAMES)}), got {ops!r}")
+    config.check_known(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    channels = config.int_choices(config.required(cfg, "channels", where), f"{where}.channels")  # one per stage
+    cells = config.integer(config.required(cfg, "cells_per_stage", where), f"{where}.cells_per_stage", minimum=1)
+    nodes = config.integer(config.required(cfg, "nodes", where), f"{where}.nodes", minimum=2)
+    # the order written is the dims' choice order (the benchmark's beta columns)
+    ops = config.names(config.required(cfg, "ops", where), f"{where}.ops", OP_NAMES)
+    if ops == ("none",):
+        config.fail(f"{where}.ops", "only 'none' would zero every cell", "at least one op besides 'none'")
     dims = tuple(Dim(edge_name(j, i), tuple(ops)) for j in range(1, nodes) for i in range(j))
     space = NB201Space(dims=dims, channels=tuple(channels), cells_per_stage=cells, num_nodes=nodes, ops=tuple(ops),
                        **declared_fields(cfg, resolution=32, num_classes=10))

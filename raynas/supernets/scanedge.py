@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from raynas import config as c
 from raynas.nn.layers import conv_out_size
 from raynas.space import Arch, SearchSpace
-from raynas.space.loader import COMMON_KEYS, check_keys, require
-from raynas.space.space import Dim, SpaceError
+from raynas.space.loader import COMMON_KEYS
+from raynas.space.space import Dim
 from raynas.supernets.base import Block, StageSpec, Supernet, declared_fields
 from raynas.supernets.scanedge_blocks import (
     DynamicAttentionEmbedding,
@@ -50,6 +51,7 @@ EMBED_TYPES = ("conv", "mhsa_ds")
 FFN_ORDER = ("unified", "fused")
 ACT_ORDER = ("relu", "gelu")
 NO_MHSA = 0
+ATTENTION_DEFAULTS = {"heads": 8, "key_dim": 32, "downsample_key_dim": 16, "bias_resolution": 224}
 
 
 # ---- the validated stage table --------------------------------------------------------------------
@@ -95,142 +97,76 @@ class ScanEdgeSpec:
     distillation: bool
 
 
-def _where_list(cfg: Mapping[str, Any], key: str, where: str) -> list:
-    values = require(cfg, key, where, list)
-    if not values:
-        raise SpaceError(f"{where}.{key}: needs at least one choice")
-    if any(values.count(v) > 1 for v in values):  # also catches 2 vs 2.0
-        raise SpaceError(f"{where}.{key}: duplicate choices in {values}")
-    return values
-
-
-def _numbers(cfg, key: str, where: str, kind: type | tuple = int, odd: bool = False,
-             minimum: float = 1) -> tuple:
-    values = _where_list(cfg, key, where)
-    for v in values:
-        if not isinstance(v, kind) or isinstance(v, bool) or v < minimum or (odd and v % 2 == 0):
-            what = "odd positive integers" if odd else (
-                f"integers >= {minimum}" if kind is int else f"numbers >= {minimum}")
-            raise SpaceError(f"{where}.{key}: {v!r} is not allowed; allowed: a list of {what}")
-    return tuple(sorted(values))
-
-
-def _names(cfg, key: str, where: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    values = _where_list(cfg, key, where)
-    for v in values:
-        if v not in allowed:
-            raise SpaceError(f"{where}.{key}: {v!r} is not allowed; allowed: {list(allowed)}")
-    return tuple(a for a in allowed if a in values)
-
-
-def _positive_int(cfg, key: str, where: str, default: int | None = None, odd: bool = False) -> int:
-    if key not in cfg and default is not None:
-        return default
-    value = require(cfg, key, where, int)
-    if value < 1 or (odd and value % 2 == 0):
-        raise SpaceError(f"{where}.{key}: {value} is not allowed; allowed: a positive{' odd' if odd else ''} "
-                         f"integer")
-    return value
-
-
-def _widths(cfg, where: str) -> tuple[int, ...]:
+def _widths(cfg: Mapping[str, Any], where: str) -> tuple[int, ...]:
     """`{min, max, step}` as in Table 5's "(min, max, step size)", or an explicit list."""
-    if isinstance(cfg.get("width"), list):
-        return _numbers(cfg, "width", where)
-    spec = require(cfg, "width", where, dict)
     w = f"{where}.width"
-    check_keys(spec, ("min", "max", "step"), w)
-    lo, hi, step = (_positive_int(spec, k, w) for k in ("min", "max", "step"))
+    if isinstance(cfg.get("width"), list):
+        return c.int_choices(cfg["width"], w, as_set=True)
+    spec = c.mapping(c.required(cfg, "width", where), w)
+    c.check_known(spec, ("min", "max", "step"), w)
+    lo, hi, step = (c.integer(c.required(spec, k, w), f"{w}.{k}", minimum=1) for k in ("min", "max", "step"))
     if hi < lo or (hi - lo) % step:
-        raise SpaceError(f"{w}: min {lo}, max {hi}, step {step} is not allowed; allowed: min <= max and "
-                         f"max - min a multiple of step")
+        c.fail(w, f"min {lo}, max {hi}, step {step} is not allowed", "min <= max and max - min a multiple of step")
     return tuple(range(lo, hi + 1, step))
 
 
-def _mapping(cfg, key: str, where: str) -> dict | None:
-    if cfg.get(key) is None:
-        return None
-    return require(cfg, key, where, dict)
+def _embed(cfg: Mapping[str, Any], where: str) -> EmbedSpec:
+    etype = c.choice(c.required(cfg, "type", where), f"{where}.type", EMBED_TYPES)
+    c.check_known(cfg, ("type", "kernel") if etype == "conv" else ("type", "kernel", "expansion", "act"), where)
+    kernel = c.integer(cfg.get("kernel", 3), f"{where}.kernel", minimum=1, odd=True)
+    if etype == "conv":
+        return EmbedSpec("conv", kernel)
+    return EmbedSpec("mhsa_ds", kernel,
+                     c.int_choices(c.required(cfg, "expansion", where), f"{where}.expansion", as_set=True),
+                     c.names(c.required(cfg, "act", where), f"{where}.act", ACT_ORDER, sort=True))
 
 
-def _parse_stage(cfg: Any, where: str, first: bool) -> ScanEdgeStage:
-    if not isinstance(cfg, dict):
-        raise SpaceError(f"{where}: expected a mapping with fields {list(STAGE_KEYS)}")
-    check_keys(cfg, STAGE_KEYS, where)
-    embed_cfg = _mapping(cfg, "embed", where)
-    if first and embed_cfg is not None:
-        raise SpaceError(f"{where}.embed: not allowed on the first stage (the stem feeds it)")
-    if not first and embed_cfg is None:
-        raise SpaceError(f"{where}.embed: missing; every stage after the first starts with an embedding "
-                         f"(type one of {list(EMBED_TYPES)})")
-    embed = None
-    if embed_cfg is not None:
-        w = f"{where}.embed"
-        etype = require(embed_cfg, "type", w, str)
-        if etype not in EMBED_TYPES:
-            raise SpaceError(f"{w}.type: {etype!r} is not allowed; allowed: {list(EMBED_TYPES)}")
-        if etype == "conv":
-            check_keys(embed_cfg, ("type", "kernel"), w)
-            embed = EmbedSpec("conv", _positive_int(embed_cfg, "kernel", w, 3, odd=True))
-        else:
-            check_keys(embed_cfg, ("type", "kernel", "expansion", "act"), w)
-            embed = EmbedSpec("mhsa_ds", _positive_int(embed_cfg, "kernel", w, 3, odd=True),
-                              _numbers(embed_cfg, "expansion", w), _names(embed_cfg, "act", w, ACT_ORDER))
-    mhsa = None
-    mhsa_cfg = _mapping(cfg, "mhsa", where)
-    if mhsa_cfg is not None:
-        w = f"{where}.mhsa"
-        check_keys(mhsa_cfg, ("expansion", "act", "stride"), w)
-        stride = mhsa_cfg.get("stride", 1)
-        if stride not in (1, 2) or isinstance(stride, bool):
-            raise SpaceError(f"{w}.stride: {stride!r} is not allowed; allowed: [1, 2]")
-        mhsa = MhsaSpec(_numbers(mhsa_cfg, "expansion", w), _names(mhsa_cfg, "act", w, ACT_ORDER), stride)
+def _mhsa(cfg: Mapping[str, Any], where: str) -> MhsaSpec:
+    c.check_known(cfg, ("expansion", "act", "stride"), where)
+    return MhsaSpec(c.int_choices(c.required(cfg, "expansion", where), f"{where}.expansion", as_set=True),
+                    c.names(c.required(cfg, "act", where), f"{where}.act", ACT_ORDER, sort=True),
+                    c.integer(cfg.get("stride", 1), f"{where}.stride", 1, 2))
+
+
+def _parse_stage(cfg: Mapping[str, Any], where: str, first: bool) -> ScanEdgeStage:
+    if first and cfg.get("embed") is not None:
+        c.fail(f"{where}.embed", "not allowed on the first stage (the stem feeds it)")
+    if not first and cfg.get("embed") is None:
+        c.fail(f"{where}.embed", "missing; every stage after the first starts with an embedding", list(EMBED_TYPES))
     return ScanEdgeStage(
         widths=_widths(cfg, where),
-        depths=_numbers(cfg, "depth", where),
-        ffns=_names(cfg, "ffn", where, FFN_ORDER),
-        expansions=_numbers(cfg, "expansion", where, (int, float), minimum=0.25),
-        kernels=_numbers(cfg, "kernel", where, odd=True),
-        acts=_names(cfg, "act", where, ACT_ORDER),
-        embed=embed,
-        mhsa=mhsa,
+        depths=c.int_choices(c.required(cfg, "depth", where), f"{where}.depth", as_set=True),
+        ffns=c.names(c.required(cfg, "ffn", where), f"{where}.ffn", FFN_ORDER, sort=True),
+        expansions=c.number_choices(c.required(cfg, "expansion", where), f"{where}.expansion", 0.25,
+                                    low_open=False, as_set=True),
+        kernels=c.int_choices(c.required(cfg, "kernel", where), f"{where}.kernel", odd=True, as_set=True),
+        acts=c.names(c.required(cfg, "act", where), f"{where}.act", ACT_ORDER, sort=True),
+        embed=None if first else _embed(c.mapping(cfg["embed"], f"{where}.embed"), f"{where}.embed"),
+        mhsa=None if cfg.get("mhsa") is None else _mhsa(c.mapping(cfg["mhsa"], f"{where}.mhsa"), f"{where}.mhsa"),
     )
 
 
 def parse_spec(cfg: Mapping[str, Any], where: str) -> ScanEdgeSpec:
-    stem = require(cfg, "stem", where, dict)
-    check_keys(stem, ("kernel", "act"), f"{where}.stem")
-    stages_cfg = require(cfg, "stages", where, list)
-    if not stages_cfg:
-        raise SpaceError(f"{where}.stages: needs at least one stage")
+    stem = c.mapping(c.required(cfg, "stem", where), f"{where}.stem")
+    c.check_known(stem, ("kernel", "act"), f"{where}.stem")
+    stages_cfg = c.mapping_list(c.required(cfg, "stages", where), f"{where}.stages", STAGE_KEYS)
     stages = tuple(_parse_stage(s, f"{where}.stages[{i}]", i == 0) for i, s in enumerate(stages_cfg))
     for i, s in enumerate(stages):
         if ffn_hidden(s.widths[0], s.expansions[0]) < 1:
-            raise SpaceError(f"{where}.stages[{i}].expansion: {s.expansions[0]} gives an empty FFN at width "
-                             f"{s.widths[0]}; allowed: width * expansion >= 1")
+            c.fail(f"{where}.stages[{i}].expansion", f"{s.expansions[0]} gives an empty FFN at width {s.widths[0]}",
+                   "width * expansion >= 1")
     if stages[0].widths[0] < 2:
-        raise SpaceError(f"{where}.stages[0].width: {stages[0].widths[0]} is not allowed; allowed: >= 2 "
-                         f"(the stem's first conv has half the width)")
-    attention = _mapping(cfg, "attention", where) or {}
-    check_keys(attention, ("heads", "key_dim", "downsample_key_dim", "bias_resolution"), f"{where}.attention")
-    head = _mapping(cfg, "head", where) or {}
-    check_keys(head, ("distillation",), f"{where}.head")
-    distillation = head.get("distillation", False)
-    if not isinstance(distillation, bool):
-        raise SpaceError(f"{where}.head.distillation: expected true or false, got {distillation!r}")
-    ls_init = cfg.get("layer_scale_init", 1e-5)
-    if not isinstance(ls_init, (int, float)) or isinstance(ls_init, bool) or ls_init <= 0:
-        raise SpaceError(f"{where}.layer_scale_init: {ls_init!r} is not allowed; allowed: a positive number")
+        c.fail(f"{where}.stages[0].width", f"{stages[0].widths[0]} is not allowed",
+               ">= 2 (the stem's first conv has half the width)")
+    attention = c.with_defaults(cfg.get("attention"), ATTENTION_DEFAULTS, f"{where}.attention")
+    head = c.with_defaults(cfg.get("head"), {"distillation": False}, f"{where}.head")
     return ScanEdgeSpec(
-        stem_kernel=_positive_int(stem, "kernel", f"{where}.stem", 3, odd=True),
-        stem_acts=_names(stem, "act", f"{where}.stem", ACT_ORDER),
+        stem_kernel=c.integer(stem.get("kernel", 3), f"{where}.stem.kernel", minimum=1, odd=True),
+        stem_acts=c.names(c.required(stem, "act", f"{where}.stem"), f"{where}.stem.act", ACT_ORDER, sort=True),
         stages=stages,
-        heads=_positive_int(attention, "heads", f"{where}.attention", 8),
-        key_dim=_positive_int(attention, "key_dim", f"{where}.attention", 32),
-        downsample_key_dim=_positive_int(attention, "downsample_key_dim", f"{where}.attention", 16),
-        bias_resolution=_positive_int(attention, "bias_resolution", f"{where}.attention", 224),
-        layer_scale_init=float(ls_init),
-        distillation=distillation,
+        **{key: c.integer(attention[key], f"{where}.attention.{key}", minimum=1) for key in ATTENTION_DEFAULTS},
+        layer_scale_init=c.number(cfg.get("layer_scale_init", 1e-5), f"{where}.layer_scale_init", 0.0, low_open=True),
+        distillation=c.boolean(head["distillation"], f"{where}.head.distillation"),
     )
 
 
@@ -304,7 +240,7 @@ def _dims(spec: ScanEdgeSpec) -> list[Dim]:
 def build_space(cfg: dict) -> ScanEdgeSpace:
     name = cfg["name"]
     where = f"space {name}"
-    check_keys(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    c.check_known(cfg, COMMON_KEYS + FAMILY_KEYS, where)
     spec = parse_spec(cfg, where)
     space = ScanEdgeSpace(dims=tuple(_dims(spec)), **declared_fields(cfg))
     space.spec = spec

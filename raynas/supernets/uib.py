@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raynas import config as c
 from raynas.nn.dynamic import DynamicConv2d, make_divisible
 from raynas.nn.layers import DynamicConvNormAct, act_fn, act_layer
-from raynas.space import Arch, Dim, SearchSpace, SpaceError, check_keys, require
+from raynas.space import Arch, Dim, SearchSpace, SpaceError
 from raynas.space.loader import COMMON_KEYS
 from raynas.supernets.base import Block, StageSpec, TopologySupernet, WeightGenerator, declared_fields, slot_weight
 from raynas.supernets.uib_blocks import (
@@ -63,76 +64,35 @@ class UIBSpec:
     activation: str
 
 
-def _positive_ints(cfg: Mapping, key: str, where: str, odd: bool = False) -> tuple[int, ...]:
-    values = require(cfg, key, where, list)
-    ok = values and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
-    if not ok or (odd and any(v % 2 == 0 for v in values)):
-        kind = "odd positive integers" if odd else "positive integers"
-        raise SpaceError(f"{where}.{key}: expected a non-empty list of {kind}, got {values!r}")
-    if len(set(values)) != len(values):
-        raise SpaceError(f"{where}.{key}: duplicate choices in {values!r}")
-    return tuple(sorted(values))
-
-
-def _positive_int(cfg: Mapping, key: str, where: str, odd: bool = False) -> int:
-    value = require(cfg, key, where, int)
-    if value < 1 or (odd and value % 2 == 0):
-        raise SpaceError(f"{where}.{key}: expected a{'n odd' if odd else ''} positive integer, got {value!r}")
-    return value
-
-
-def _activation(cfg: Mapping, key: str, where: str) -> str:
-    value = require(cfg, key, where, str)
-    if value not in ACTIVATIONS:
-        raise SpaceError(f"{where}.{key}: unknown '{value}'; allowed: {list(ACTIVATIONS)}")
-    return value
-
-
-def _parse_stage(cfg: Any, where: str) -> StageSpec:
-    if not isinstance(cfg, Mapping):
-        raise SpaceError(f"{where}: expected a mapping with fields {list(STAGE_KEYS)}")
-    check_keys(cfg, STAGE_KEYS, where)
-    expands = require(cfg, "expand", where, list)
-    if not expands or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in expands):
-        raise SpaceError(f"{where}.expand: expected a non-empty list of positive numbers, got {expands!r}")
-    if len(set(expands)) != len(expands):
-        raise SpaceError(f"{where}.expand: duplicate choices in {expands!r}")
+def _parse_stage(cfg: Mapping[str, Any], where: str) -> StageSpec:
     return StageSpec(
-        widths=_positive_ints(cfg, "channels", where),
-        depths=_positive_ints(cfg, "depth", where),
-        kernels=_positive_ints(cfg, "kernels", where, odd=True),
-        expansions=tuple(sorted(expands)),
-        stride=_positive_int(cfg, "stride", where),
+        widths=c.int_choices(c.required(cfg, "channels", where), f"{where}.channels", as_set=True),
+        depths=c.int_choices(c.required(cfg, "depth", where), f"{where}.depth", as_set=True),
+        kernels=c.int_choices(c.required(cfg, "kernels", where), f"{where}.kernels", odd=True, as_set=True),
+        expansions=c.number_choices(c.required(cfg, "expand", where), f"{where}.expand", as_set=True),
+        stride=c.integer(c.required(cfg, "stride", where), f"{where}.stride", minimum=1),
     )
 
 
 def parse_spec(cfg: Mapping[str, Any], where: str) -> UIBSpec:
-    check_keys(cfg, (*COMMON_KEYS, *FAMILY_KEYS), where)
-    stem = require(cfg, "stem", where, dict)
-    check_keys(stem, ("channels", "kernel", "stride"), f"{where}.stem")
-    ops = require(cfg, "ops", where, list)
-    bad = [o for o in ops if o not in OP_NAMES]
-    if not ops or bad or len(set(ops)) != len(ops):
-        raise SpaceError(f"{where}.ops: expected distinct names from {list(OP_NAMES)}, got {ops!r}")
-    stages_cfg = require(cfg, "stages", where, list)
-    if not stages_cfg:
-        raise SpaceError(f"{where}.stages: expected a non-empty list of stages")
-    head = require(cfg, "head", where, dict)
-    check_keys(head, HEAD_KEYS, f"{where}.head")
-    dropout = require(head, "dropout", f"{where}.head", (int, float))
-    if not 0 <= dropout < 1:
-        raise SpaceError(f"{where}.head.dropout: expected a number in [0, 1), got {dropout!r}")
+    c.check_known(cfg, (*COMMON_KEYS, *FAMILY_KEYS), where)
+    ws, wh = f"{where}.stem", f"{where}.head"
+    stem = c.mapping(c.required(cfg, "stem", where), ws)
+    c.check_known(stem, ("channels", "kernel", "stride"), ws)
+    stages_cfg = c.mapping_list(c.required(cfg, "stages", where), f"{where}.stages", STAGE_KEYS)
+    head = c.mapping(c.required(cfg, "head", where), wh)
+    c.check_known(head, HEAD_KEYS, wh)
     return UIBSpec(
-        stem_channels=_positive_int(stem, "channels", f"{where}.stem"),
-        stem_kernel=_positive_int(stem, "kernel", f"{where}.stem", odd=True),
-        stem_stride=_positive_int(stem, "stride", f"{where}.stem"),
-        ops=tuple(sorted(ops, key=OP_NAMES.index)),  # size order, whatever order the YAML lists
+        stem_channels=c.integer(c.required(stem, "channels", ws), f"{ws}.channels", minimum=1),
+        stem_kernel=c.integer(c.required(stem, "kernel", ws), f"{ws}.kernel", minimum=1, odd=True),
+        stem_stride=c.integer(c.required(stem, "stride", ws), f"{ws}.stride", minimum=1),
+        ops=c.names(c.required(cfg, "ops", where), f"{where}.ops", OP_NAMES, sort=True),  # size order
         stages=tuple(_parse_stage(s, f"{where}.stages[{i}]") for i, s in enumerate(stages_cfg)),
-        head_channels=_positive_int(head, "channels", f"{where}.head"),
-        head_hidden=_positive_int(head, "hidden", f"{where}.head"),
-        head_dropout=float(dropout),
-        head_activation=_activation(head, "activation", f"{where}.head"),
-        activation=_activation(cfg, "activation", where),
+        head_channels=c.integer(c.required(head, "channels", wh), f"{wh}.channels", minimum=1),
+        head_hidden=c.integer(c.required(head, "hidden", wh), f"{wh}.hidden", minimum=1),
+        head_dropout=c.number(c.required(head, "dropout", wh), f"{wh}.dropout", 0.0, 1.0, high_open=True),
+        head_activation=c.choice(c.required(head, "activation", wh), f"{wh}.activation", ACTIVATIONS),
+        activation=c.choice(c.required(cfg, "activation", where), f"{where}.activation", ACTIVATIONS),
     )
 
 
@@ -233,33 +193,34 @@ class UIBSpace(SearchSpace):
     def arch_from_stages(self, stages: Any, where: str) -> Arch:
         """An arch from a readable per-stage list: [{channels: C, blocks: [{op, k1?, k2?, expand?}]}]."""
         if not isinstance(stages, list) or len(stages) != len(self.spec.stages):
-            raise SpaceError(f"{where}.stages: expected a list of {len(self.spec.stages)} stages")
+            c.fail(f"{where}.stages", f"got {stages!r}", f"a list of {len(self.spec.stages)} stages")
         values: dict[str, Any] = {}
         for s, (st, cfg) in enumerate(zip(self.spec.stages, stages)):
             w = f"{where}.stages[{s}]"
-            if not isinstance(cfg, Mapping):
-                raise SpaceError(f"{w}: expected a mapping with fields ['channels', 'blocks']")
-            check_keys(cfg, ("channels", "blocks"), w)
-            values[stage_field(s, "channels")] = require(cfg, "channels", w, int)
-            blocks = require(cfg, "blocks", w, list)
+            cfg = c.mapping(cfg, w)
+            c.check_known(cfg, ("channels", "blocks"), w)
+            values[stage_field(s, "channels")] = c.required(cfg, "channels", w)  # the arch check says which
+            blocks = c.required(cfg, "blocks", w)
+            if not isinstance(blocks, list):
+                c.fail(f"{w}.blocks", f"got {blocks!r}", "a list of blocks {op, k1?, k2?, expand?}")
             values[stage_field(s, "depth")] = len(blocks)
             for i in range(st.max_depth):
                 b = blocks[i] if i < len(blocks) else {"op": self.spec.ops[0]}
                 bw = f"{w}.blocks[{i}]"
-                if not isinstance(b, Mapping):
-                    raise SpaceError(f"{bw}: expected a mapping with fields ['op', 'k1', 'k2', 'expand']")
-                check_keys(b, ("op", "k1", "k2", "expand"), bw)
-                op = require(b, "op", bw, str)
+                b = c.mapping(b, bw)
+                c.check_known(b, ("op", "k1", "k2", "expand"), bw)
+                op = c.string(c.required(b, "op", bw), f"{bw}.op")
                 for key, used in (("k1", op_has_start_dw(op)), ("k2", op_has_mid_dw(op))):
                     if key in b and not used:
-                        raise SpaceError(f"{bw}.{key}: op '{op}' has no such depthwise conv")
+                        c.fail(f"{bw}.{key}", f"op '{op}' has no such depthwise conv")
                 values[block_field(s, i, "op")] = op
                 values[block_field(s, i, "k1")] = b.get("k1", st.kernels[0])
                 values[block_field(s, i, "k2")] = b.get("k2", st.kernels[0])
                 if len(st.expansions) > 1:
                     values[block_field(s, i, "expand")] = b.get("expand", st.expansions[0])
                 elif b.get("expand", st.expansions[0]) != st.expansions[0]:
-                    raise SpaceError(f"{bw}.expand: stage {s + 1} has the fixed expansion {st.expansions[0]}")
+                    c.fail(f"{bw}.expand", f"got {b['expand']!r}",
+                           f"{st.expansions[0]} (stage {s + 1}'s fixed expansion)")
         try:
             return self.validate(values)
         except SpaceError as exc:
@@ -269,26 +230,18 @@ class UIBSpace(SearchSpace):
 def _parse_named_archs(space: UIBSpace, cfg: Any, where: str) -> dict[str, NamedArch]:
     if cfg is None:
         return {}
-    if not isinstance(cfg, Mapping):
-        raise SpaceError(f"{where}: expected a mapping name -> {{resolution, paper, stages}}")
     out = {}
-    for name, item in cfg.items():
+    for name, item in c.mapping(cfg, where).items():
         w = f"{where}.{name}"
-        if not isinstance(item, Mapping):
-            raise SpaceError(f"{w}: expected a mapping with fields ['resolution', 'paper', 'stages']")
-        check_keys(item, ("resolution", "paper", "stages"), w)
-        resolution = _positive_int(item, "resolution", w) if "resolution" in item else space.resolution
-        paper = item.get("paper", {})
-        if not isinstance(paper, Mapping):
-            raise SpaceError(f"{w}.paper: expected a mapping of published figures")
-        out[str(name)] = NamedArch(str(name), space.arch_from_stages(item.get("stages"), w), resolution,
-                                   dict(paper))
+        item = c.with_defaults(item, {"resolution": space.resolution, "paper": {}, "stages": None}, w)
+        out[str(name)] = NamedArch(str(name), space.arch_from_stages(item["stages"], w),
+                                   c.integer(item["resolution"], f"{w}.resolution", minimum=1),
+                                   c.mapping(item["paper"], f"{w}.paper"))  # published figures
     return out
 
 
 def build_space(cfg: dict) -> UIBSpace:
-    name = require(cfg, "name", "space", str)
-    where = f"space {name}"
+    where = f"space {cfg['name']}"
     spec = parse_spec(cfg, where)
     space = UIBSpace(spec, **declared_fields(cfg))
     space.named_archs = _parse_named_archs(space, cfg.get("named_archs"), f"{where}.named_archs")
