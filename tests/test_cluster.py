@@ -178,8 +178,11 @@ def test_worker_node_lost_mid_training_resumes_from_the_bucket(s3_server, s3_buc
             assert time.monotonic() < deadline, "no epoch-1 checkpoint within 300 s"
             time.sleep(0.2)
         epoch1 = storage.read_pandas(storage.join(run, "metrics.parquet")).iloc[0].to_dict()
-        cluster.add_worker("node-b", num_cpus=2)
+        # Kill first, then let a new node join: the run cannot finish its last epochs in the time a node takes
+        # to join (on a busy host that took longer than the two remaining tiny epochs), and the restarted
+        # worker group waits for the new node's resources.
         cluster.kill_node(first_node)
+        cluster.add_worker("node-b", num_cpus=2)
         out, _ = job.communicate(timeout=600)
         assert job.returncode == 0, out[-5000:]
         # The node really was lost mid-run: the new worker group resumed from a stored checkpoint.

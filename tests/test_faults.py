@@ -163,6 +163,7 @@ def _parts(search: Path) -> dict[str, dict]:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)  # seven pipeline launches, each starting Python, Ray and Ray Train
 def test_pipeline_killed_in_every_stage_resumes_and_survives_unwritable_storage(tmp_path):
     """One run directory, the driver's process group SIGKILLed in training, LUT build, calibration, search
     and export in turn (plus a run stopped by storage that stops being writable after the LUT). Every

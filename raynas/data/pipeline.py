@@ -31,8 +31,9 @@ import ray
 
 from raynas.data import keys
 from raynas.data.config import validate_data_config
-from raynas.data.sources import Source, split_source
+from raynas.data.sources import SPLITS, Source, holdout
 from raynas.data.transforms import IMAGENET_MEAN, IMAGENET_STD, broadcast_stats, preprocess
+from raynas.errors import ConfigError
 
 CLOCK_KEY = "raynas.data.train"  # DataContext config of a training Dataset: its TrainFeedInfo
 PREPROCESS_BATCH = 128  # images per preprocessing call: bounded memory even for large decoded images
@@ -59,6 +60,39 @@ class TrainFeedInfo:
     clock: Any              # EpochClock handle
     rows_per_epoch: int     # rows of each epoch (all consumers together)
 
+
+
+def split_source(cfg: Mapping[str, Any], split: str, cpus: float = 1.0) -> Source:
+    """The rows of split "train" or "val" of a validated `data:` config, capped by max_*_samples."""
+    if split not in SPLITS:
+        raise ConfigError(f"split: {split!r} is not allowed; allowed: {list(SPLITS)}")
+    name = cfg["name"]
+    if name == "digits":
+        from raynas.data.embedded import digits_source
+
+        source = holdout(digits_source(cpus), split, cfg["val_fraction"], cfg["split_seed"])
+    elif name == "synthetic":
+        from raynas.data.embedded import synthetic_source
+
+        source = synthetic_source(cfg, split, cpus)
+    elif name in ("cifar10", "cifar100"):
+        from raynas.data.cifar import cifar_source
+
+        source = cifar_source(cfg, split, cpus)
+    elif name == "imagefolder":
+        from raynas.data.imagefolder import imagefolder_source
+
+        source = imagefolder_source(cfg, split, cpus)
+    else:
+        from raynas.data.parquet import parquet_source
+
+        source = parquet_source(cfg, split, cpus)
+    cap = cfg["max_train_samples"] if split == "train" else cfg["max_val_samples"]
+    if cap is not None and cap < source.num_rows:
+        source = source.select(cap, cfg["split_seed"], keys.CAP)
+    if source.num_rows == 0:
+        raise ConfigError(f"data: the {split} split of dataset '{name}' has no images")
+    return source
 
 def task_cpus(reserved: float = 0.0) -> float:
     """CPUs per Ray Data task: 1 when the cluster has a CPU beyond `reserved` (e.g. the training workers'),

@@ -9,7 +9,6 @@ every selection is a hash of it (raynas.data.keys), so a split is the same on ev
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,36 +65,3 @@ def holdout(source: Source, split: str, val_fraction: float, seed: int) -> Sourc
     if n_val >= n:
         raise ConfigError(f"data.val_fraction: {val_fraction} leaves no training images out of {n}")
     return source.select(n_val, seed, keys.HOLDOUT, complement=split == "train")
-
-
-def split_source(cfg: Mapping[str, Any], split: str, cpus: float = 1.0) -> Source:
-    """The rows of split "train" or "val" of a validated `data:` config, capped by max_*_samples."""
-    if split not in SPLITS:
-        raise ConfigError(f"split: {split!r} is not allowed; allowed: {list(SPLITS)}")
-    name = cfg["name"]
-    if name == "digits":
-        from raynas.data.embedded import digits_source
-
-        source = holdout(digits_source(cpus), split, cfg["val_fraction"], cfg["split_seed"])
-    elif name == "synthetic":
-        from raynas.data.embedded import synthetic_source
-
-        source = synthetic_source(cfg, split, cpus)
-    elif name in ("cifar10", "cifar100"):
-        from raynas.data.cifar import cifar_source
-
-        source = cifar_source(cfg, split, cpus)
-    elif name == "imagefolder":
-        from raynas.data.imagefolder import imagefolder_source
-
-        source = imagefolder_source(cfg, split, cpus)
-    else:
-        from raynas.data.parquet import parquet_source
-
-        source = parquet_source(cfg, split, cpus)
-    cap = cfg["max_train_samples"] if split == "train" else cfg["max_val_samples"]
-    if cap is not None and cap < source.num_rows:
-        source = source.select(cap, cfg["split_seed"], keys.CAP)
-    if source.num_rows == 0:
-        raise ConfigError(f"data: the {split} split of dataset '{name}' has no images")
-    return source

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -170,7 +171,6 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
     per_pass: dict[str, dict[str, list[dict]]] = {p.device.name: {} for p in profilers}
     done: dict[str, dict[str, dict]] = {p.device.name: {} for p in profilers}
     bar = progress(total=len(items) * len(profilers) * passes, desc=desc, unit="model", disable=not show_progress)
-    exported: dict[str, tuple] = {}  # tag -> (object ref, shape): exported once, measured every pass
     pending: list = []
 
     def collect(calls) -> None:
@@ -190,6 +190,26 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
         if completed and on_done is not None:
             on_done(done)
 
+    for batch in _export_batches(items, chunk, passes, seed):  # each batch is exported here, on the driver
+        if not overlap:
+            collect(pending)
+            pending = []
+        refs = [(p, batch, p.submit(batch)) for p in profilers]
+        if overlap:
+            collect(pending)
+            pending = refs
+        else:
+            collect(refs)
+    collect(pending)
+    bar.close()
+    return {name: [by_tag[tag] for tag, _ in items] for name, by_tag in done.items()}
+
+
+def _export_batches(items: list[tuple[str, Callable[[], tuple[bytes, tuple]]]], chunk: int, passes: int,
+                    seed: int) -> Iterator[list[tuple[str, ray.ObjectRef, tuple]]]:
+    """Chunks of `(tag, model in the object store, input shape)` for every pass, each pass after the first
+    in a new random order. A model is exported when its chunk is first asked for, and only once."""
+    exported: dict[str, tuple] = {}
     rng = np.random.default_rng(seed)
     for n in range(passes):
         order = list(range(len(items))) if n == 0 else list(rng.permutation(len(items)))
@@ -197,25 +217,14 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
             batch = []
             for i in order[start:start + chunk]:
                 tag, make = items[i]
-                if tag in exported:
-                    batch.append((tag, *exported[tag]))
-                    continue
-                model, shape = make()
-                batch.append((tag, ray.put(model), tuple(shape)))
-                if passes > 1:  # kept for the next passes; with one pass the object store frees it once measured
-                    exported[tag] = batch[-1][1:]
-            if not overlap:
-                collect(pending)
-                pending = []
-            refs = [(p, batch, p.submit(batch)) for p in profilers]
-            if overlap:
-                collect(pending)
-                pending = refs
-            else:
-                collect(refs)
-    collect(pending)
-    bar.close()
-    return {name: [by_tag[tag] for tag, _ in items] for name, by_tag in done.items()}
+                entry = exported.get(tag)
+                if entry is None:
+                    model, shape = make()
+                    entry = (ray.put(model), tuple(shape))
+                    if passes > 1:  # kept for the next passes; with one pass the store frees it once measured
+                        exported[tag] = entry
+                batch.append((tag, *entry))
+            yield batch
 
 
 def _median_pass(runs: list[dict]) -> dict:
@@ -253,8 +262,7 @@ def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFr
     old = {p.device.name: select(existing, keys[p.device.name])
            if _same_settings((existing_meta or {}).get(keys[p.device.name].id), p.device) else empty_table()
            for p in profilers}
-    have = {name: set(rows["key"]) for name, rows in old.items()}
-    wanted = [k for k in catalogue.blocks if any(k not in have[n] for n in have)]
+    wanted = [k for k in catalogue.blocks if any(k not in set(rows["key"]) for rows in old.values())]
     features = {k: block_features(catalogue.blocks[k].module, catalogue.blocks[k].in_shape)
                 for k in progress(wanted, desc="block features", unit="block", disable=not show_progress)}
 
@@ -267,56 +275,76 @@ def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFr
     items = [(f"identity:{list(s)}", (lambda s=s: (identity_onnx(s), s))) for s in shapes]
     items += [(k, maker(catalogue.blocks[k])) for k in wanted]
 
-    def assemble(done: dict[str, dict[str, dict]]) -> tuple[pd.DataFrame, dict[str, dict]]:
-        """The table and metadata of every group from the rows reused and the blocks complete in `done`."""
-        build_s = time.perf_counter() - t0
-        frames, meta = [], {}
-        for p in profilers:
-            key = keys[p.device.name]
-            records = done.get(p.device.name, {})
-            overhead = {tuple(json.loads(t.split(":", 1)[1])): r["median_ms"]
-                        for t, r in records.items() if t.startswith("identity:")}
-            rows = []
-            for k in wanted:
-                b = catalogue.blocks[k]
-                if k in have[p.device.name] or k not in records or tuple(b.in_shape) not in overhead:
-                    continue
-                r, oh = records[k], overhead[tuple(b.in_shape)]
-                rows.append({
-                    **asdict(key), "key": k, "position": catalogue.positions[k],
-                    "in_shape": json.dumps(list(b.in_shape)),
-                    "latency_ms": max(r["median_ms"] - oh, 0.0), "median_ms": r["median_ms"], "overhead_ms": oh,
-                    "iqr_ms": r["iqr_ms"], "runs": r["runs"], "series": r["series"], "clock": r["clock"],
-                    "wall_median_ms": r["wall_median_ms"], "passes": r["passes"], "pass_spread": r["pass_spread"],
-                    **{f"f_{name}": features[k][name] for name in FEATURES},
-                    "node_id": r["node_id"], "hostname": r["hostname"], "measured_at": r["measured_at"],
-                })
-            new = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-            group = pd.concat([old[p.device.name], new], ignore_index=True) if len(new) else old[p.device.name]
-            frames.append(group)
-            reused = len(group) - len(new)
-            previous_s = (existing_meta or {}).get(key.id, {}).get("build_s", 0.0) if reused else 0.0
-            meta[key.id] = {
-                **asdict(key), "build_s": round(previous_s + (build_s if len(new) else 0.0), 3),
-                "blocks": int(len(group)), "measured": len(new),
-                "reused": int(reused), "archs_scanned": catalogue.archs_scanned,
-                "threads": p.device.threads, "batch_size": p.device.batch_size, "passes": passes,
-                "protocol": asdict(p.device.protocol), "onnxruntime": p.node.get("onnxruntime"),
-                "hostname": p.node.get("hostname"),
-            }
-        return pd.concat(frames, ignore_index=True), meta
+    build = _Build(profilers, keys, old, wanted, catalogue, features, existing_meta or {}, passes, t0)
 
     def persist(done: dict[str, dict[str, dict]]) -> None:
-        write_lut(out, *assemble(done))
+        write_lut(out, *build.assemble(done))
 
     # Every device measures every wanted block (they run in parallel); rows a device already had are kept.
     measured = measure_on_devices(profilers, items, desc=f"LUT {supernet.space.name}", passes=passes, seed=seed,
                                   show_progress=show_progress, on_done=persist if out is not None else None
                                   ) if wanted else {}
-    rows, meta = assemble({name: {r["tag"]: r for r in records} for name, records in measured.items()})
+    rows, meta = build.assemble({name: {r["tag"]: r for r in records} for name, records in measured.items()})
     if out is not None:
         write_lut(out, rows, meta)
     return rows, meta
+
+
+@dataclass
+class _Build:
+    """One `build_lut` call: the groups it extends (`old` rows per device) and the blocks it measures."""
+
+    profilers: list[Profiler]
+    keys: dict[str, TableKey]
+    old: dict[str, pd.DataFrame]
+    wanted: list[str]
+    catalogue: Any
+    features: dict[str, dict[str, float]]
+    existing_meta: dict[str, dict]
+    passes: int
+    started: float
+
+    def assemble(self, done: dict[str, dict[str, dict]]) -> tuple[pd.DataFrame, dict[str, dict]]:
+        """The table and metadata of every group from the rows reused and the blocks complete in `done`."""
+        build_s = time.perf_counter() - self.started
+        frames, meta = [], {}
+        for p in self.profilers:
+            key, old = self.keys[p.device.name], self.old[p.device.name]
+            new = pd.DataFrame(self._rows(key, set(old["key"]), done.get(p.device.name, {})), columns=TABLE_COLUMNS)
+            group = pd.concat([old, new], ignore_index=True) if len(new) else old
+            frames.append(group)
+            reused = len(group) - len(new)
+            previous_s = self.existing_meta.get(key.id, {}).get("build_s", 0.0) if reused else 0.0
+            meta[key.id] = {
+                **asdict(key), "build_s": round(previous_s + (build_s if len(new) else 0.0), 3),
+                "blocks": int(len(group)), "measured": len(new),
+                "reused": int(reused), "archs_scanned": self.catalogue.archs_scanned,
+                "threads": p.device.threads, "batch_size": p.device.batch_size, "passes": self.passes,
+                "protocol": asdict(p.device.protocol), "onnxruntime": p.node.get("onnxruntime"),
+                "hostname": p.node.get("hostname"),
+            }
+        return pd.concat(frames, ignore_index=True), meta
+
+    def _rows(self, key: TableKey, have: set[str], records: dict[str, dict]) -> list[dict[str, Any]]:
+        """Rows of the wanted blocks complete in `records` (with their input shape's call overhead)."""
+        overhead = {tuple(json.loads(t.split(":", 1)[1])): r["median_ms"]
+                    for t, r in records.items() if t.startswith("identity:")}
+        rows = []
+        for k in self.wanted:
+            b = self.catalogue.blocks[k]
+            if k in have or k not in records or tuple(b.in_shape) not in overhead:
+                continue
+            r, oh = records[k], overhead[tuple(b.in_shape)]
+            rows.append({
+                **asdict(key), "key": k, "position": self.catalogue.positions[k],
+                "in_shape": json.dumps(list(b.in_shape)),
+                "latency_ms": max(r["median_ms"] - oh, 0.0), "median_ms": r["median_ms"], "overhead_ms": oh,
+                "iqr_ms": r["iqr_ms"], "runs": r["runs"], "series": r["series"], "clock": r["clock"],
+                "wall_median_ms": r["wall_median_ms"], "passes": r["passes"], "pass_spread": r["pass_spread"],
+                **{f"f_{name}": self.features[k][name] for name in FEATURES},
+                "node_id": r["node_id"], "hostname": r["hostname"], "measured_at": r["measured_at"],
+            })
+        return rows
 
 
 def _same_settings(meta: dict | None, device: DeviceSpec) -> bool:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from raynas import storage
 from raynas.train.checkpointing import (
+    SUPERNET_FILE,
     checkpoint_dir_name,
     find_latest_checkpoint,
     load_resume_state,
@@ -244,7 +245,6 @@ class WorkerRun:
 
     def run(self) -> None:
         from raynas.supernets.checkpoint import save_supernet
-        from raynas.train.trainer import SUPERNET_FILE
 
         ctx = self.step_context()
         batch = self.cfg["data"]["batch_size"]
