@@ -135,10 +135,12 @@ def test_measurement_follows_the_protocol():
     assert 0 < timing.median_ms < 50 and timing.iqr_ms >= 0 and timing.clock == "wall"
     assert timing.median_ms == pytest.approx(timing.wall_median_ms)
 
-    # A tiny model keeps being timed until `min_run_s` has passed, far beyond the 50 runs.
+    # A tiny model keeps being timed until `min_run_s` has passed, far beyond the 50 runs. (Not checked
+    # through runs x median: the series' elapsed time also holds the timing loop's own per-call cost, which
+    # on a busy host exceeds the few microseconds of this model.)
     longer = replace(_device("x"), protocol=replace(FAST, min_run_s=0.05))
     timing = measure_onnx(identity_onnx((1, 4, 8, 8)), (1, 4, 8, 8), longer)
-    assert timing.runs > 50 and timing.runs * timing.wall_median_ms >= 0.5 * 50
+    assert timing.runs > 200
 
     # The thread clock counts the CPU time of the inference thread only: not more than the elapsed time.
     import torch
