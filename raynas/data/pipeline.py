@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raynas.data import keys
 from raynas.data.config import validate_data_config
@@ -39,7 +40,8 @@ CLOCK_KEY = "raynas.data.train"  # DataContext config of a training Dataset: its
 PREPROCESS_BATCH = 128  # images per preprocessing call: bounded memory even for large decoded images
 
 
-@ray.remote(num_cpus=0)
+# Restartable: consumers set the epoch before every epoch they read, so a restarted clock loses nothing.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EpochClock:
     """The epoch the consumers of a training Dataset are about to read."""
 
@@ -154,7 +156,9 @@ def train_dataset(cfg: Mapping[str, Any] | None, resolution: int, channels: int,
     cpus = task_cpus() if cpus is None else cpus
     source = split_source(cfg, "train", cpus)
     rows = source.num_rows if rows_per_epoch is None else min(rows_per_epoch, source.num_rows)
-    clock = EpochClock.remote()
+    # On the driver's node: the run ends with that node anyway, while any worker node may be lost mid-run.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    clock = EpochClock.options(scheduling_strategy=here).remote()
     dataset = source.dataset.map_batches(_epoch_order, fn_kwargs={"clock": clock, "seed": seed},
                                          batch_size=None, batch_format="numpy", num_cpus=cpus)
     dataset = dataset.random_shuffle(seed=seed, num_cpus=cpus)
