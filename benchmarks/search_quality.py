@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from raynas.end_to_end.hw_nas import profile_device
     from raynas.hw.devices import init_local_ray
     from raynas.hw.latency import load_latency_model
-    from raynas.pipeline.hw_nas import profile_device
     from raynas.search.algorithms import Constraints, SearchContext, build_algorithm
     from raynas.search.driver import estimate_fn, run_search
     from raynas.search.pareto import hypervolume, pareto_front

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from raynas.biglittle.evaluate import eval_data
     from raynas.biglittle.search import load_model, run_pair_search
     from raynas.config import read_yaml
-    from raynas.pipeline.hw_nas import trained_supernet
+    from raynas.end_to_end.hw_nas import trained_supernet
     from raynas.space import Arch
     from raynas.train.config import load_train_config
     from raynas.train.trainer import train

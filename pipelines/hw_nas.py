@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python pipelines/hw_nas.py --config pipelines/configs/hw_nas_demo.yaml
 
 train (or load) supernet -> profile device -> search on Ray actors -> export ONNX -> report.
-Thin on purpose: parse arguments, call the library (raynas.pipeline.hw_nas).
+Thin on purpose: parse arguments, call the library (raynas.end_to_end.hw_nas).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import argparse
 import json
 import sys
 
+from raynas.end_to_end.hw_nas import load_pipeline_config, run_pipeline
 from raynas.errors import UserError
-from raynas.pipeline.hw_nas import load_pipeline_config, run_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ node), calibrated on 10 measured subnets per device, optionally validated on hel
 the nodes labelled `device=<name>` (or advertising the older resource `device:<name>`) that
 cluster/devices.yaml declares. `--out` is a directory or a URI prefix (s3://bucket/profile); a re-run
 with the same `--out` reuses the blocks and calibrations stored there. Outside a cluster (no RAY_ADDRESS)
-a local Ray labelled `device=local-cpu` is started. Thin on purpose: the work is in raynas.hw.pipeline.
+a local Ray labelled `device=local-cpu` is started. Thin on purpose: the work is in raynas.hw.profile_all.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import sys
 
 from raynas.errors import UserError
+from raynas.hw.devices import LUT_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validate-n", type=int, default=0, help="held-out subnets to validate on (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patience", type=int, default=300)
+    parser.add_argument("--method", choices=LUT_METHODS, default="isolated",
+                        help="how LUT blocks are timed (see `raynas profile lut --method`)")
     parser.add_argument("--passes", type=int, default=1, help="LUT measurement passes (median kept)")
     parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     args = parser.parse_args(argv)
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from raynas.hw.devices import init_local_ray
-    from raynas.hw.pipeline import devices_to_profile, profile_devices
+    from raynas.hw.profile_all import devices_to_profile, profile_devices
 
     started = False
     try:
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[profile] skipped {line}", file=sys.stderr)
         summary = profile_devices(spaces, args.out, devices, resolution=args.resolution,
                                   calibration_n=args.calibration_n, validate_n=args.validate_n, seed=args.seed,
-                                  patience=args.patience, passes=args.passes)
+                                  patience=args.patience, passes=args.passes, method=args.method)
         summary["skipped"] = skipped
     except UserError as exc:
         print(f"profile_devices: error: {exc}", file=sys.stderr)

@@ -10,9 +10,6 @@ from collections.abc import Callable
 from raynas.cli_args import POSITIVE, SEED, ArgumentParser, integer, json_argument
 from raynas.errors import UserError
 
-# Each subcommand module registers itself here: name -> (add_arguments, run)
-Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]
-
 
 def parse_arch(text: str, space) -> object:
     """An arch from inline JSON or from a file containing JSON, validated against `space`."""
@@ -166,7 +163,7 @@ def _extension_commands() -> list[Callable]:
 
     registers = []
     for module in ("raynas.train.cli", "raynas.hw.cli", "raynas.search.cli", "raynas.tune.cli",
-                   "raynas.biglittle.cli", "raynas.pipeline.cli"):
+                   "raynas.biglittle.cli", "raynas.end_to_end.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

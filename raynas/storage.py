@@ -239,14 +239,6 @@ def load_torch(location: str | os.PathLike, what: str = "checkpoint", map_locati
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
-def make_dirs(location: str | os.PathLike) -> None:
-    fs, path = resolve(location)
-    try:
-        fs.create_dir(path, recursive=True)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise StorageError(f"location: cannot create {display(location)} ({_reason(exc)})") from None
-
-
 def write_bytes(location: str | os.PathLike, data: bytes | bytearray | memoryview) -> str:
     """Write `data` atomically (see the module doc); returns the location."""
     location = str(location)
@@ -344,13 +336,6 @@ def check_writable(location: str | os.PathLike, what: str = "location") -> str:
 
 
 # ---- directories between a node's disk and the store ------------------------------------------------------
-def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike) -> None:
-    """Copy a local directory tree into `location` (each file written atomically)."""
-    local_dir = Path(local_dir)
-    for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        write_bytes(join(location, *file.relative_to(local_dir).parts), file.read_bytes())
-
-
 def download_dir(location: str | os.PathLike, local_dir: str | os.PathLike) -> Path:
     """Copy the tree under `location` into a local directory (e.g. for a reader that needs file paths)."""
     fs, path = resolve(location)

@@ -283,10 +283,10 @@ def test_profiler_killed_mid_lut_is_replaced_and_keeps_what_it_measured(ray_loca
     the LUT ends with every block, and the blocks stored before the kill are not measured again. Then the
     LUT file is torn (cut short, as a non-atomic writer killed mid-write leaves it): the pipeline's
     profile stage sets it aside and builds it anew instead of failing on every re-run."""
+    from raynas.end_to_end.hw_nas import profile_device
     from raynas.hw.devices import get_device
     from raynas.hw.lut import TableKey, build_lut, collect_block_configs, read_lut, select
     from raynas.hw.remote import start_profiler
-    from raynas.pipeline.hw_nas import profile_device
     from raynas.space import space_from_config
     from raynas.supernets import build_supernet
 

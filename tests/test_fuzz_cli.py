@@ -25,8 +25,8 @@ import yaml
 
 from raynas.cli import build_parser, main
 from raynas.data.config import COMMON_DEFAULTS, SOURCE_DEFAULTS
+from raynas.end_to_end.hw_nas import DEFAULTS as PIPELINE
 from raynas.hw.devices import MeasurementProtocol
-from raynas.pipeline.hw_nas import DEFAULTS as PIPELINE
 from raynas.search.algorithms import algorithm_class
 from raynas.search.config import ALGORITHMS, PARAM_RANGES
 from raynas.search.config import DEFAULTS as SEARCH

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -36,8 +37,16 @@ from raynas.hw.latency import (
     load_latency_model,
     save_calibration,
 )
-from raynas.hw.lut import TableKey, build_lut, collect_block_configs, onnx_bytes, read_lut, write_lut
-from raynas.hw.measure import identity_onnx, measure_onnx
+from raynas.hw.lut import (
+    TableKey,
+    build_lut,
+    collect_block_configs,
+    onnx_bytes,
+    read_lut,
+    subnet_onnx,
+    write_lut,
+)
+from raynas.hw.measure import ReferenceClock, block_times, identity_onnx, measure_onnx, node_times
 from raynas.space import load_space
 from raynas.supernets import build_supernet
 
@@ -151,6 +160,66 @@ def test_measurement_follows_the_protocol():
     assert timing.clock == "thread" and 0 < timing.median_ms <= timing.wall_median_ms * 1.1
 
 
+def test_reference_clock_and_per_block_profile_of_a_real_subnet(tiny):
+    """The reference model times like any model; a subnet profiled per node credits every node to a block,
+    named ones by their `/i/` scope and onnxruntime's renamed ones to the block running before them."""
+    clock = ReferenceClock(_device("x"))
+    series = clock.sample()
+    assert len(series) == FAST.reference_runs and (series > 0).all()
+
+    arch = tiny.space.max_arch()
+    model, shape = subnet_onnx(tiny, arch)
+    timing, per_run = node_times(model, shape, _device("x"))
+    assert len(per_run) == timing.runs and all(per_run)
+    per_block = block_times(per_run)
+    assert sorted(per_block) == list(range(len(tiny.blocks(arch))))  # every block got its nodes
+    assert all(ms > 0 for ms in per_block.values())
+    # The blocks' medians add up to about the median run's node total (medians of sums vs sum of medians)
+    total = float(np.median([sum(nodes.values()) for nodes in per_run]))
+    assert sum(per_block.values()) == pytest.approx(total, rel=0.25)
+
+    # Crediting rule, on a profile shaped like onnxruntime's: unnamed nodes go to the last named block.
+    runs = [{"ReorderInput": 1.0, "/0/conv/Conv": 2.0, "Gelu_token_3": 4.0, "/1/fc/MatMul": 8.0,
+             "ReorderOutput_token_9": 16.0}] * 3
+    assert block_times(runs) == {0: 7.0, 1: 24.0}
+
+
+def test_latency_is_stated_at_one_reference_speed(tiny):
+    """Drift-proofing: the same subnets measured on a device running at half speed (every time, the
+    reference's too, doubled) give the same calibration and the same held-out figures; without the
+    reference the calibration absorbs the drift and every prediction is off by 2x."""
+    from raynas.hw.lut import lut_baseline_ms
+    from raynas.hw.profiling import fit_calibration, summarize_validation
+
+    catalogue = collect_block_configs(tiny, patience=30, show_progress=False)
+    rng = np.random.default_rng(0)
+    raw = {k: float(rng.uniform(0.05, 0.5)) for k in catalogue.blocks}
+    table = pd.DataFrame({"key": list(raw), "latency_raw_ms": list(raw.values()), "reference_ms": 0.2,
+                          **{f"f_{n}": 1.0 for n in FEATURES}})
+    table["latency_ms"] = table["latency_raw_ms"]
+    assert lut_baseline_ms(table) == pytest.approx(0.2)
+    archs = [tiny.space.min_arch(), tiny.space.max_arch()] + [tiny.space.sample(rng) for _ in range(8)]
+    truth = [0.1 + sum(raw[b.key] for b in tiny.blocks(a)) for a in archs]
+
+    def records(scale: float, reference: float | None) -> list[dict]:
+        return [{"median_ms": scale * t, "iqr_ms": 0.0, "reference_ms": reference, "node_id": "n",
+                 "hostname": "h"} for t in truth]
+
+    steady = fit_calibration(tiny, table, archs[:6], records(1.0, 0.2)[:6])
+    slowed = fit_calibration(tiny, table, archs[:6], records(2.0, 0.4)[:6])
+    assert slowed["models"]["lut"]["calibration"] == pytest.approx(steady["models"]["lut"]["calibration"])
+    assert slowed["measured_raw_ms"] == pytest.approx([2 * m for m in steady["measured_raw_ms"]])
+    assert slowed["baseline_ms"] == pytest.approx(0.2)
+
+    summary, rows = summarize_validation(tiny, table, steady, _device("x"), archs[6:], records(2.0, 0.4)[6:],
+                                         again=records(2.0, 0.4)[6:])
+    assert summary["within10"] == 1.0 and summary["self_agreement"] == 1.0
+    assert rows["measured_ms"].to_numpy() == pytest.approx(truth[6:])
+    unreferenced = fit_calibration(tiny, table, archs[:6], records(2.0, None)[:6])
+    assert unreferenced["models"]["lut"]["calibration"]["slope"] == pytest.approx(
+        2 * steady["models"]["lut"]["calibration"]["slope"])
+
+
 # ---- fitting ----------------------------------------------------------------------------------------------
 def test_calibration_fit_recovers_a_known_linear_relation(tiny):
     """measured = 0.6 * sum(LUT) + 0.25 exactly: calibrating the LUT model must find kappa=0.6, epsilon=0.25."""
@@ -260,6 +329,11 @@ def test_lut_build_on_two_devices_in_parallel(two_nodes, tiny, tmp_path):
             assert (group["passes"] == 2).all() and (group["pass_spread"] >= 0).all()
             info = meta[TableKey.of(tiny, p.device).id]
             assert info["measured"] == len(group) and info["reused"] == 0 and info["build_s"] > 0
+            # Stated at the group's reference speed: the median of the reference times measured with its rows
+            assert (group["reference_ms"] > 0).all() and info["method"] == "isolated"
+            assert info["reference_ms"] == pytest.approx(group["reference_ms"].median())
+            stated = group["latency_raw_ms"].astype(float) * info["reference_ms"] / group["reference_ms"].astype(float)
+            assert group["latency_ms"].astype(float).tolist() == pytest.approx(stated.tolist())
 
         path = tmp_path / "lut.parquet"
         write_lut(path, rows, meta)
@@ -302,6 +376,48 @@ def test_lut_build_on_two_devices_in_parallel(two_nodes, tiny, tmp_path):
             assert model.raw(arch) == pytest.approx(lut_sum)
 
 
+def test_lut_in_context_profiles_subnets_covering_every_block(two_nodes, tiny, tmp_path):
+    from raynas.hw.remote import start_profiler
+
+    catalogue = collect_block_configs(tiny, patience=30, show_progress=False)
+    profiler = start_profiler(_device("a"))
+    try:
+        rows, meta = build_lut(tiny, [profiler], patience=30, method="context", appearances=2, show_progress=False,
+                               out=str(tmp_path / "lut.parquet"))
+        info = meta[TableKey.of(tiny, profiler.device).id]
+        assert set(rows["key"]) == set(catalogue.blocks) and info["measured"] == len(catalogue.blocks)
+        assert info["method"] == "context" and 2 <= info["subnets"] < len(catalogue.blocks)
+        # every block timed inside two subnets, no call overhead to take off, at the reference speed
+        assert (rows["clock"] == "profile").all() and (rows["runs"] >= 2).all() and (rows["overhead_ms"] == 0).all()
+        assert (rows["latency_ms"] > 0).all() and (rows["reference_ms"] > 0).all()
+        stored, stored_meta = read_lut(tmp_path / "lut.parquet")
+        assert len(stored) == len(rows) and stored_meta[TableKey.of(tiny, profiler.device).id]["method"] == "context"
+        # Rows of another method are another measurement: an isolated build measures every block anew.
+        _, again = build_lut(tiny, [profiler], stored, stored_meta, patience=30, show_progress=False)
+        assert again[TableKey.of(tiny, profiler.device).id]["measured"] == len(catalogue.blocks)
+    finally:
+        profiler.stop()
+
+
+def test_lut_written_before_reference_columns_is_read(tiny, tmp_path):
+    """A LUT from before drift-proofing (no latency_raw_ms / reference_ms) is read: raw values, no reference."""
+    import pyarrow.parquet as pq
+
+    from raynas.hw.lut import META_KEY, TABLE_COLUMNS
+
+    old_columns = [c for c in TABLE_COLUMNS if c not in ("latency_raw_ms", "reference_ms")]
+    key = TableKey.of(tiny, _device("a"))
+    frame = pd.DataFrame([{**{c: 0 for c in old_columns}, **{k: v for k, v in vars(key).items()}, "key": "k1",
+                           "in_shape": "[1, 3, 32, 32]", "latency_ms": 0.25, "clock": "wall", "node_id": "n",
+                           "hostname": "h"}])[old_columns]
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({META_KEY: json.dumps({key.id: {"blocks": 1}}).encode()})
+    pq.write_table(table, tmp_path / "old.parquet")
+    rows, meta = read_lut(tmp_path / "old.parquet")
+    assert rows["latency_raw_ms"].tolist() == [0.25] and rows["reference_ms"].isna().all()
+    assert list(rows.columns) == TABLE_COLUMNS and key.id in meta
+
+
 # ---- the CLI ------------------------------------------------------------------------------------------------
 def _raynas(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
@@ -332,9 +448,13 @@ def test_cli_lut_and_validate_json(two_nodes, tiny_yaml, devices_yaml, tmp_path,
     assert summary["n"] == 6 and summary["calibration_n"] == 4 and summary["device"] == "b"
     assert -1 <= summary["spearman"] <= 1 and 0 <= summary["within10"] <= 1 and summary["mape"] >= 0
     assert set(summary["models"]) == {"lut", "linear", "flops", "params"}
+    # measured twice: how far the device agrees with itself, beside the models' figures
+    assert 0 <= summary["self_agreement"] <= 1 and 0 <= summary["self_agreement_raw"] <= 1
+    assert summary["reference_ms"] > 0 and 0 <= summary["lut_without_reference"]["within10"] <= 1
     calibration = json.loads((tmp_path / "lut.calibration.json").read_text())
     (group,) = calibration["groups"].values()
     held_out = pd.read_parquet(tmp_path / "rows.parquet")
+    assert (held_out["measured_again_ms"] > 0).all() and (held_out["reference_ms"] > 0).all()
     assert len(held_out) == 6 and not set(held_out["arch"]) & {json.dumps(a, separators=(",", ":"))
                                                              for a in group["archs"]}
 

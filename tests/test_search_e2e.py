@@ -117,7 +117,7 @@ def devices_file(workdir) -> Path:
 @pytest.fixture(scope="module")
 def lut(ray_local, checkpoint, devices_file, workdir) -> Path:
     """Block LUT + end-to-end calibration measured on this machine (the device `local-cpu`)."""
-    from raynas.pipeline.hw_nas import profile_device
+    from raynas.end_to_end.hw_nas import profile_device
 
     path = workdir / "lut.parquet"
     info = profile_device(load_supernet(checkpoint), "local-cpu", path, calibration_n=4,

@@ -21,7 +21,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raynas.biglittle.coupling import CoupledSupernet
 from raynas.biglittle.routers import CASCADE
@@ -29,7 +29,8 @@ from raynas.errors import UserError
 from raynas.space import Arch
 from raynas.supernets.base import Block
 
-PIECES = ("trunk", "little", "big", "router")
+if TYPE_CHECKING:  # annotations only: raynas.hw.latency loads ray and torch
+    from raynas.hw.latency import CalibratedModel
 
 
 @dataclass
@@ -120,44 +121,18 @@ class PairCosts:
 
 # ---- latency of pieces ------------------------------------------------------------------------------
 class PieceLatency:
-    """Prices pieces (lists of `Block`s) with a calibrated latency model of raynas.hw.latency."""
+    """Prices pieces (lists of `Block`s) with a calibrated latency model of raynas.hw.latency: its slope
+    times the model's raw score of the piece; its intercept is the per-call cost (`call_ms`)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: CalibratedModel):
         self.model = model
-        self.kind = getattr(model, "kind", None)
-        from raynas.hw.latency import MODEL_KINDS
-
-        if self.kind not in MODEL_KINDS:
-            raise UserError(f"latency model: kind {self.kind!r} cannot price pieces of a pair; "
-                            f"allowed: {list(MODEL_KINDS)}")
-        calibration = getattr(model, "calibration", None)
-        self.slope = float(calibration.slope) if calibration is not None else 1.0
-        self.call_ms = float(calibration.intercept) if calibration is not None else 0.0
-
-    def _block_raw(self, block: Block) -> float:
-        from raynas.hw.features import block_features
-
-        features = self.model.index.features
-        if block.key not in features:
-            features[block.key] = block_features(block.module, block.in_shape)
-        if self.kind == "lut":
-            if block.key in self.model.table:
-                return float(self.model.table[block.key])
-            if self.model._fallback is None:  # the LUT model's own fallback for keys it never measured
-                from raynas.hw.latency import BlockLinearModel
-
-                self.model._fallback = BlockLinearModel.from_table(self.model._table_frame)
-            self.model.missing_keys.add(block.key)
-            return max(float(self.model._fallback(features[block.key])), 0.0)
-        return float(self.model.block_model(features[block.key]))
+        self.kind = model.kind  # recorded with search results and deployments
+        self.slope = float(model.calibration.slope)
+        self.call_ms = float(model.calibration.intercept)
 
     def piece_ms(self, blocks: Sequence[Block], cost: Mapping[str, int]) -> float:
         """Milliseconds of one piece without the per-call overhead."""
-        if self.kind in ("flops", "params"):
-            raw = float(cost["macs" if self.kind == "flops" else "params"])
-        else:
-            raw = sum(self._block_raw(b) for b in blocks)
-        return self.slope * raw
+        return self.slope * self.model.piece_raw(blocks, cost)
 
 
 # ---- putting it together ------------------------------------------------------------------------------

@@ -75,10 +75,6 @@ class PairPredictions:
         """The router's ease score: its own (pre-routers) or little's confidence (cascade)."""
         return self.router_score if self.router_score is not None else self.confidence
 
-    def subset(self, index: np.ndarray) -> PairPredictions:
-        return PairPredictions(self.labels[index], self.big_logits[index], self.little_logits[index],
-                               None if self.router_score is None else self.router_score[index])
-
 
 def oracle_decisions(little_correct: np.ndarray, big_correct: np.ndarray) -> np.ndarray:
     return little_correct | ~big_correct

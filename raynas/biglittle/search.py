@@ -111,9 +111,6 @@ class PairEvaluator:
         return {**metrics, "started_at": started, "finished_at": finished, "eval_s": finished - started,
                 "worker": self.identity}
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def load_model(checkpoint: str | bytes, router: str = "checkpoint"):
     """The coupled supernet, with the confidence cascade in place of its router when asked."""

@@ -13,6 +13,6 @@ needs only ray + onnxruntime to run the profiler):
 * `latency`   `LatencyModel` (`lut`, `linear`, `flops`, `params`), calibration JSON (raynas.storage),
               `load_latency_model`
 * `profiling` end-to-end subnet measurement, calibration on <= 10 subnets, held-out validation
-* `pipeline`  profile spaces on every device present (pipelines/profile_devices.py)
+* `profile_all` profile spaces on every device present (pipelines/profile_devices.py)
 * `cli`       `raynas profile devices|lut|calibrate|validate`
 """

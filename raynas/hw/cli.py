@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from raynas import storage
 from raynas.cli_args import POSITIVE, SEED, integer
 from raynas.errors import UserError
+from raynas.hw.devices import LUT_METHODS
 
 
 def _common(p: argparse.ArgumentParser, lut_required: bool) -> None:
@@ -51,6 +52,11 @@ def register(subparsers) -> None:
                    help="most subnets scanned for distinct blocks")
     p.add_argument("--patience", type=POSITIVE, default=300,
                    help="stop scanning after this many subnets in a row bring no new block")
+    p.add_argument("--method", choices=LUT_METHODS, default="isolated",
+                   help="isolated: each block timed in its own session; context: whole sampled subnets profiled "
+                   "per node by onnxruntime, every node's time credited to its block (default isolated)")
+    p.add_argument("--appearances", type=POSITIVE, default=2,
+                   help="with --method context: the subnets each block is timed in (its entry: their median)")
     _passes(p, "block")
     p.add_argument("--force", action="store_true", help="measure every block again")
     p.set_defaults(func=cmd_lut)
@@ -72,6 +78,9 @@ def register(subparsers) -> None:
     p.add_argument("--save", help="write one row per held-out subnet (measured vs predicted) to this Parquet "
                    "(path or URI)")
     p.add_argument("--json", action="store_true", help="print the JSON summary only")
+    p.add_argument("--no-recheck", dest="recheck", action="store_false",
+                   help="measure the held-out subnets once only (default: once more, to report how far the "
+                   "device agrees with itself)")
     _passes(p, "subnet")
     p.set_defaults(func=cmd_validate)
 
@@ -192,7 +201,8 @@ def cmd_lut(args) -> None:
     with _ray(args), _profilers(devices) as profilers:
         rows, meta = build_lut(supernet, profilers, existing, existing_meta, seed=args.seed,
                                max_archs=args.max_archs, patience=args.patience, passes=args.passes,
-                               show_progress=not args.quiet, out=args.out)
+                               show_progress=not args.quiet, out=args.out, method=args.method,
+                               appearances=args.appearances)
         nodes = {p.device.name: p.node for p in profilers}
     out = []
     for info in meta.values():
@@ -260,7 +270,7 @@ def cmd_validate(args) -> None:
                 save_calibration(calib_path, keys[name], record, what)
                 calibrations[name] = record
         results = validate_many(supernet, tables, calibrations, profilers, args.n, args.seed, build_s,
-                                show_progress=not args.quiet, passes=args.passes)
+                                show_progress=not args.quiet, passes=args.passes, recheck=args.recheck)
     if args.save:
         import pandas as pd
 
@@ -275,3 +285,24 @@ def cmd_validate(args) -> None:
               f"calibrated on {s['calibration_n']}, LUT build {s['lut_build_s']} s")
         for kind, m in s["models"].items():
             print(f"  {kind:<7} spearman={m['spearman']}  mape={m['mape']}%  within10={m['within10']}")
+        for line in _measurement_lines(s):
+            print(f"  {line}")
+
+
+def _measurement_lines(summary: dict) -> list[str]:
+    """What the figures above rest on: the reference speed, what drift-proofing changed, and how far the
+    device agrees with itself (no model can be judged within +-10% more often than that)."""
+    lines = []
+    raw = summary.get("lut_without_reference")
+    if summary.get("reference_ms") is not None:
+        lines.append(f"latencies at the LUT's reference speed ({summary['reference_ms']:.4g} ms per reference call)"
+                     + (f"; without it the lut model scores spearman={raw['spearman']} within10={raw['within10']}"
+                        if raw else ""))
+    if summary.get("self_agreement") is not None:
+        agree = summary["self_agreement"]
+        lines.append(f"self-agreement: {agree:.0%} of the subnets measured twice agree within +-10% "
+                     f"({summary['self_agreement_raw']:.0%} without the reference)")
+        if summary["within10"] is not None and summary["within10"] < 0.95 and agree < 0.95:
+            lines.append("the device's own measurements disagree this often: a model's within10 cannot be "
+                         "judged more finely than the self-agreement on this device")
+    return lines

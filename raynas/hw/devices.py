@@ -31,6 +31,8 @@ DEFAULT_DEVICE = "local-cpu"
 DEVICE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 MIN_RUNS = 50  # the measurement protocol of the project: never fewer timed runs than this
 CLOCKS = ("wall", "thread")
+# How a LUT's blocks are timed (raynas.hw.lut.build_lut): each in its own session, or inside whole subnets.
+LUT_METHODS = ("isolated", "context")
 
 # runtime name in devices.yaml -> onnxruntime execution providers, preferred first. The first one must be
 # available on the device node: silently falling back to CPU would measure the wrong hardware.
@@ -59,6 +61,11 @@ class MeasurementProtocol:
     calling thread, so its CPU time is the latency the model would have on this CPU alone, without the
     time other processes of a shared host steal (a 2-core host at load 14 inflates wall medians 3-4x
     and their IQR to ~100%, while thread time stays within a few %). Only valid for that setting.
+
+    `reference_runs`: drift-proofing (raynas.hw.measure.ReferenceClock). Around every model, this many
+    timed calls of a fixed reference model measure how fast the device is at that moment (DVFS, thermal
+    throttling, a neighbour on the shared cache), so each latency can be stated at one fixed reference
+    speed; 0 turns it off (latencies are then taken as measured).
     """
 
     warmup_s: float = 0.2
@@ -68,6 +75,7 @@ class MeasurementProtocol:
     repeats: int = 3
     max_rel_iqr: float = 0.1
     clock: str = "wall"
+    reference_runs: int = 20
 
     def validate(self, where: str = "protocol") -> MeasurementProtocol:
         c.number(self.warmup_s, f"{where}.warmup_s", 0, 60)
@@ -77,6 +85,7 @@ class MeasurementProtocol:
         c.integer(self.repeats, f"{where}.repeats", 1, 10)
         c.number(self.max_rel_iqr, f"{where}.max_rel_iqr", 0, low_open=True)
         c.choice(self.clock, f"{where}.clock", CLOCKS)
+        c.integer(self.reference_runs, f"{where}.reference_runs", 0, 10_000)
         return self
 
 

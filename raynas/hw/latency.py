@@ -36,9 +36,10 @@ from scipy.optimize import nnls
 from raynas import storage
 from raynas.errors import UserError
 from raynas.hw.features import FEATURES, block_features
-from raynas.hw.lut import TableKey, load_group
+from raynas.hw.lut import TableKey, load_group, lut_baseline_ms
+from raynas.hw.measure import at_reference_speed
 from raynas.space import Arch
-from raynas.supernets.base import Supernet
+from raynas.supernets.base import Block, Supernet
 
 MODEL_KINDS = ("lut", "linear", "flops", "params")
 
@@ -135,13 +136,14 @@ class BlockIndex:
         self._keys: OrderedDict[Arch, list[str]] = OrderedDict()
         self._cache_size = cache_size
 
+    def key_of(self, block: Block) -> str:
+        """The block's key, its features computed when not yet known."""
+        if block.key not in self.features:
+            self.features[block.key] = block_features(block.module, block.in_shape)
+        return block.key
+
     def _compute(self, arch: Arch) -> list[str]:
-        keys = []
-        for block in self.supernet.blocks(arch):
-            if block.key not in self.features:
-                self.features[block.key] = block_features(block.module, block.in_shape)
-            keys.append(block.key)
-        return keys
+        return [self.key_of(block) for block in self.supernet.blocks(arch)]
 
     def keys(self, arch: Mapping[str, Any]) -> list[str]:
         arch = arch if isinstance(arch, Arch) else self.supernet.space.validate(arch)
@@ -156,18 +158,34 @@ class BlockIndex:
 
 
 class CalibratedModel:
-    """raw(arch) -> ms through an affine calibration; subclasses define `raw`."""
+    """raw(arch) -> ms through an affine calibration; subclasses define `raw`.
+
+    `predict` gives milliseconds at the LUT's reference speed `baseline_ms` (the time of one call of
+    raynas.hw.measure's reference model when the LUT was measured; None when measured without one), and
+    `predict_at` at the speed the device has when its reference call takes `reference_ms`.
+    """
 
     kind = "raw"
 
-    def __init__(self, calibration: Affine | None = None):
+    def __init__(self, calibration: Affine | None = None, baseline_ms: float | None = None):
         self.calibration = calibration or Affine()
+        self.baseline_ms = baseline_ms
 
     def raw(self, arch: Mapping[str, Any]) -> float:  # pragma: no cover
         raise NotImplementedError
 
+    def piece_raw(self, blocks: Sequence[Block], cost: Mapping[str, float]) -> float:  # pragma: no cover
+        """The raw score, on the scale of `raw`, of a piece of a network: its `blocks` and their summed
+        `cost` (macs, params). Prices the pieces of a routed big/little pair (raynas.biglittle.costs)."""
+        raise NotImplementedError
+
     def predict(self, arch: Mapping[str, Any]) -> float:
         return float(self.calibration(self.raw(arch)))
+
+    def predict_at(self, arch: Mapping[str, Any], reference_ms: float | None) -> float:
+        """The prediction at the device's current speed (the reverse of stating it at the reference speed)."""
+        predicted = self.predict(arch)
+        return at_reference_speed(predicted, self.baseline_ms, reference_ms)
 
     def calibrate(self, archs: Sequence[Mapping[str, Any]], measured_ms: Sequence[float]) -> Affine:
         self.calibration = Affine.fit([self.raw(a) for a in archs], measured_ms)
@@ -191,17 +209,19 @@ class LutLatencyModel(CalibratedModel):
         self._table_frame = table
         self.missing_keys: set[str] = set()
 
+    def _block_raw(self, key: str) -> float:
+        if key in self.table:
+            return self.table[key]
+        if self._fallback is None:
+            self._fallback = BlockLinearModel.from_table(self._table_frame)
+        self.missing_keys.add(key)
+        return max(float(self._fallback(self.index.features[key])), 0.0)
+
     def raw(self, arch: Mapping[str, Any]) -> float:
-        total = 0.0
-        for key in self.index.keys(arch):
-            if key in self.table:
-                total += self.table[key]
-            else:
-                if self._fallback is None:
-                    self._fallback = BlockLinearModel.from_table(self._table_frame)
-                self.missing_keys.add(key)
-                total += max(self._fallback(self.index.features[key]), 0.0)
-        return total
+        return float(sum(self._block_raw(k) for k in self.index.keys(arch)))
+
+    def piece_raw(self, blocks: Sequence[Block], cost: Mapping[str, float]) -> float:
+        return float(sum(self._block_raw(self.index.key_of(b)) for b in blocks))
 
 
 class LinearLatencyModel(CalibratedModel):
@@ -222,6 +242,9 @@ class LinearLatencyModel(CalibratedModel):
     def raw(self, arch: Mapping[str, Any]) -> float:
         return float(sum(self.block_model(self.index.features[k]) for k in self.index.keys(arch)))
 
+    def piece_raw(self, blocks: Sequence[Block], cost: Mapping[str, float]) -> float:
+        return float(sum(self.block_model(self.index.features[self.index.key_of(b)]) for b in blocks))
+
 
 class ProxyLatencyModel(CalibratedModel):
     """A zero-cost proxy (MACs or parameters from `supernet.cost`) fitted linearly to milliseconds."""
@@ -237,6 +260,9 @@ class ProxyLatencyModel(CalibratedModel):
     def raw(self, arch: Mapping[str, Any]) -> float:
         arch = arch if isinstance(arch, Arch) else self.supernet.space.validate(arch)
         return float(self.supernet.cost(arch)[self._metric])
+
+    def piece_raw(self, blocks: Sequence[Block], cost: Mapping[str, float]) -> float:
+        return float(cost[self._metric])
 
 
 def build_models(supernet: Supernet, table: pd.DataFrame) -> dict[str, CalibratedModel]:
@@ -330,9 +356,16 @@ def load_latency_model(kind: str, lut: str | Path, space: str | Path | None = No
         raise UserError(f"--lut {storage.display(lut)}: no calibration for {key.id} in {storage.display(calib_file)}; "
                         f"run `raynas profile calibrate --space {key.space} --device {key.device} --lut {lut}`")
     affine = Affine(**record["models"][kind]["calibration"]) if record else None
+    table, _ = load_group(lut, key)
+    model = _model_of_kind(kind, supernet, table, affine, record)
+    model.baseline_ms = (record or {}).get("baseline_ms") or lut_baseline_ms(table)
+    return model
+
+
+def _model_of_kind(kind: str, supernet: Supernet, table: pd.DataFrame, affine: Affine | None,
+                   record: dict | None) -> CalibratedModel:
     if kind in ("flops", "params"):
         return ProxyLatencyModel(supernet, kind, affine)
-    table, _ = load_group(lut, key)
     if kind == "lut":
         return LutLatencyModel(supernet, table, affine)
     stored = record["models"]["linear"].get("block_model") if record else None

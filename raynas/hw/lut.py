@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,14 @@ from tqdm import tqdm
 
 from raynas import storage
 from raynas.errors import UserError
-from raynas.hw.devices import DeviceSpec
+from raynas.hw.devices import LUT_METHODS, DeviceSpec
 from raynas.hw.features import FEATURES, block_features
-from raynas.hw.measure import identity_onnx
+from raynas.hw.in_context import plan_subnets, rows_in_context
+from raynas.hw.measure import at_reference_speed, identity_onnx
 from raynas.hw.onnx_export import ExportMismatch, export_onnx
 from raynas.hw.remote import Profiler
-from raynas.supernets.base import Block, Supernet
+from raynas.space import Arch
+from raynas.supernets.base import Block, Subnet, Supernet
 
 META_KEY = b"raynas.lut"
 GROUP_COLUMNS = ("space", "device", "runtime", "resolution", "num_classes")
@@ -80,6 +82,7 @@ class BlockCatalogue:
     positions: dict[str, int]
     archs_scanned: int
     from_hook: int = 0
+    scanned: list[tuple[Arch, list[str]]] = field(default_factory=list)  # each sampled arch, its blocks' keys
 
 
 def family_block_variants(supernet: Supernet) -> list[Block]:
@@ -113,10 +116,13 @@ def collect_block_configs(supernet: Supernet, *, seed: int = 0, max_archs: int =
     scanned, since_new = 0, 0
     bar = progress(desc=f"block configs of {space.name}", unit="arch", disable=not show_progress)
     archs: Iterator = iter([space.min_arch(), space.max_arch()])
+    seen: list[tuple[Arch, list[str]]] = []
     while scanned < max_archs and since_new < enough:
         arch = next(archs, None)
         arch = space.sample(rng) if arch is None else arch
-        new = add(supernet.blocks(arch))
+        found = supernet.blocks(arch)
+        seen.append((arch, [b.key for b in found]))
+        new = add(found)
         scanned += 1
         since_new = 0 if new else since_new + 1
         if new:
@@ -124,7 +130,7 @@ def collect_block_configs(supernet: Supernet, *, seed: int = 0, max_archs: int =
         bar.update(1)
         bar.set_postfix(keys=len(blocks), refresh=False)
     bar.close()
-    return BlockCatalogue(blocks, positions, scanned, from_hook)
+    return BlockCatalogue(blocks, positions, scanned, from_hook, seen)
 
 
 # ---- export -------------------------------------------------------------------------------------------
@@ -146,17 +152,28 @@ def onnx_bytes(module, input_shape: tuple[int, ...]) -> bytes:
         return path.read_bytes()
 
 
+def subnet_onnx(supernet: Supernet, arch: Arch) -> tuple[bytes, tuple[int, ...]]:
+    """The extracted subnet as verified ONNX and its input shape (that of its first block: a family may
+    take inputs at another resolution than the space's, e.g. an input-resize piece)."""
+    blocks = supernet.blocks(arch)
+    subnet = Subnet(blocks, arch, supernet.space.name).eval()
+    shape = tuple(blocks[0].in_shape)
+    return onnx_bytes(subnet, shape), shape
+
+
 # ---- measuring on several devices at once -------------------------------------------------------------
 def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callable[[], tuple[bytes, tuple]]]],
                        chunk: int = 8, desc: str = "measuring", show_progress: bool = True, passes: int = 1,
-                       seed: int = 0, on_done: Callable[[dict[str, dict[str, dict]]], None] | None = None
-                       ) -> dict[str, list[dict]]:
+                       seed: int = 0, on_done: Callable[[dict[str, dict[str, dict]]], None] | None = None,
+                       per_block: bool = False) -> dict[str, list[dict]]:
     """Measure every `(tag, make)` on every profiler, `make() -> (onnx_bytes, input_shape)` exporting
     the model; returns the records per device name, in `items` order.
 
-    Export (on the driver) and measurement alternate chunk by chunk. When every device is another
-    node, the next chunk is exported while the devices measure the current one; when one of them is this
-    node (local-cpu), never: export would steal the CPU the measurement is timing.
+    Export (on the driver) and measurement alternate chunk by chunk: the next chunk is exported while the
+    devices measure the current one, unless a device is this node and times on the wall clock (export
+    would steal the CPU that measurement is timing). On the thread clock the time export takes from the
+    timed thread is not counted (it runs on another core or between the thread's slices), so a local
+    device overlaps too, which keeps both cores of a small host busy.
 
     `passes` > 1 measures everything again, each pass in a new random order, and keeps per model the pass
     with the median latency (the lower one of an even count): a host whose speed drifts (other jobs,
@@ -165,9 +182,10 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
 
     `on_done(done)`, when given, is called each time models are complete (every pass measured) with all
     complete ones so far, `{device: {tag: record}}`, e.g. to persist them before the rest is measured.
+    `per_block`: the models are subnets, profiled per block (see `DeviceProfiler.measure`).
     """
     driver_node = ray.get_runtime_context().get_node_id()
-    overlap = all(p.node["node_id"] != driver_node for p in profilers)
+    overlap = all(p.node["node_id"] != driver_node or p.device.protocol.clock == "thread" for p in profilers)
     per_pass: dict[str, dict[str, list[dict]]] = {p.device.name: {} for p in profilers}
     done: dict[str, dict[str, dict]] = {p.device.name: {} for p in profilers}
     bar = progress(total=len(items) * len(profilers) * passes, desc=desc, unit="model", disable=not show_progress)
@@ -175,10 +193,10 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
 
     def collect(calls) -> None:
         completed = False
-        for p, batch, ref in calls:
+        for p, call in calls:
             # A profiler that died meanwhile is replaced and measures this chunk again; earlier chunks'
             # records are in `done` (and persisted by `on_done`), so nothing measured before is lost.
-            records = p.collect(ref, batch)
+            records = p.collect(call)
             name = p.device.name
             for r in records:
                 runs = per_pass[name].setdefault(r["tag"], [])
@@ -194,12 +212,12 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
         if not overlap:
             collect(pending)
             pending = []
-        refs = [(p, batch, p.submit(batch)) for p in profilers]
+        calls = [(p, p.submit(batch, per_block)) for p in profilers]
         if overlap:
             collect(pending)
-            pending = refs
+            pending = calls
         else:
-            collect(refs)
+            collect(calls)
     collect(pending)
     bar.close()
     return {name: [by_tag[tag] for tag, _ in items] for name, by_tag in done.items()}
@@ -239,9 +257,13 @@ def _median_pass(runs: list[dict]) -> dict:
 # ---- the table ------------------------------------------------------------------------------------------
 def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFrame | None = None,
               existing_meta: dict[str, dict] | None = None, seed: int = 0, max_archs: int = 3000,
-              patience: int = 300, passes: int = 1, show_progress: bool = True, out: str | None = None
-              ) -> tuple[pd.DataFrame, dict[str, dict]]:
+              patience: int = 300, passes: int = 1, show_progress: bool = True, out: str | None = None,
+              method: str = "isolated", appearances: int = 2) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Measure every distinct block of `supernet`'s space on each device, in parallel across devices.
+
+    `method`: "isolated" times each block in its own session; "context" profiles a few whole subnets that
+    contain every block `appearances` times and credits each node's time to its block
+    (raynas.hw.in_context); the blocks no sampled subnet contains are then timed isolated.
 
     Keys already in `existing` (a table from `read_lut`, with its `existing_meta`) for a device's group are
     reused, not measured again. Returns the rows of all groups touched (existing + new) and per-group
@@ -253,41 +275,58 @@ def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFr
     measured and the next build reading `out` measures only the rest. Without `out` nothing is written
     (the caller stores the result with `write_lut`).
     """
+    if method not in LUT_METHODS:
+        raise ValueError(f"method: {method!r}; allowed: {list(LUT_METHODS)}")
     t0 = time.perf_counter()
     catalogue = collect_block_configs(supernet, seed=seed, max_archs=max_archs, patience=patience,
                                       show_progress=show_progress)
     existing = existing if existing is not None else empty_table()
     keys = {p.device.name: TableKey.of(supernet, p.device) for p in profilers}
-    # Rows measured with other settings (protocol, clock, threads, batch) are not comparable: measure anew.
+    # Rows measured otherwise (protocol, clock, threads, batch, method) are not comparable: measure anew.
     old = {p.device.name: select(existing, keys[p.device.name])
-           if _same_settings((existing_meta or {}).get(keys[p.device.name].id), p.device) else empty_table()
+           if _same_settings((existing_meta or {}).get(keys[p.device.name].id), p.device, method) else empty_table()
            for p in profilers}
     wanted = [k for k in catalogue.blocks if any(k not in set(rows["key"]) for rows in old.values())]
     features = {k: block_features(catalogue.blocks[k].module, catalogue.blocks[k].in_shape)
                 for k in progress(wanted, desc="block features", unit="block", disable=not show_progress)}
+    plan = plan_subnets(supernet, wanted, seed, appearances, known=catalogue.scanned) \
+        if method == "context" and wanted else None
+    isolated = wanted if plan is None else plan.uncovered
+    build = _Build(profilers, keys, old, wanted, catalogue, features, existing_meta or {}, passes, t0, method,
+                   len(plan.archs) if plan else 0)
+    done: dict[str, dict[str, dict]] = {p.device.name: {} for p in profilers}
 
-    def maker(block: Block):
-        return lambda: (onnx_bytes(block.module, block.in_shape), block.in_shape)
+    def persist(records: dict[str, dict[str, dict]], in_context: bool = False) -> None:
+        for name, by_tag in records.items():
+            done[name].update(rows_in_context(plan, by_tag, wanted) if in_context else by_tag)
+        if out is not None:
+            write_lut(out, *build.assemble(done))
 
-    # onnxruntime's fixed cost per call, per distinct input shape (see measure.identity_onnx). Measured
-    # first: a block's row needs it, so blocks are complete (and persisted) from the first chunk on.
-    shapes = sorted({tuple(catalogue.blocks[k].in_shape) for k in wanted})
-    items = [(f"identity:{list(s)}", (lambda s=s: (identity_onnx(s), s))) for s in shapes]
-    items += [(k, maker(catalogue.blocks[k])) for k in wanted]
-
-    build = _Build(profilers, keys, old, wanted, catalogue, features, existing_meta or {}, passes, t0)
-
-    def persist(done: dict[str, dict[str, dict]]) -> None:
-        write_lut(out, *build.assemble(done))
-
-    # Every device measures every wanted block (they run in parallel); rows a device already had are kept.
-    measured = measure_on_devices(profilers, items, desc=f"LUT {supernet.space.name}", passes=passes, seed=seed,
-                                  show_progress=show_progress, on_done=persist if out is not None else None
-                                  ) if wanted else {}
-    rows, meta = build.assemble({name: {r["tag"]: r for r in records} for name, records in measured.items()})
+    common = dict(passes=passes, seed=seed, show_progress=show_progress)
+    phases = [(f"LUT {supernet.space.name}", _isolated_items(catalogue, isolated), False)] if isolated else []
+    if plan is not None and plan.archs:
+        subnets = [(a.to_json(), (lambda a=a: subnet_onnx(supernet, a))) for a in plan.archs]
+        phases.insert(0, (f"LUT {supernet.space.name} in context", subnets, True))
+    for desc, items, in_context in phases:
+        measured = measure_on_devices(profilers, items, chunk=2 if in_context else 8, desc=desc,
+                                      per_block=in_context, on_done=lambda d, c=in_context: persist(d, c), **common)
+        persist({name: {r["tag"]: r for r in records} for name, records in measured.items()}, in_context)
+    rows, meta = build.assemble(done)
     if out is not None:
         write_lut(out, rows, meta)
     return rows, meta
+
+
+def _isolated_items(catalogue: BlockCatalogue, keys: list[str]) -> list[tuple[str, Callable[[], tuple]]]:
+    """The models that time `keys` each in its own session: first onnxruntime's fixed cost per call for
+    each input shape (see measure.identity_onnx; measured first because a block's row needs it, so blocks
+    are complete, and persisted, from the first chunk on), then the blocks."""
+    def maker(block: Block):
+        return lambda: (onnx_bytes(block.module, block.in_shape), block.in_shape)
+
+    shapes = sorted({tuple(catalogue.blocks[k].in_shape) for k in keys})
+    items = [(f"identity:{list(s)}", (lambda s=s: (identity_onnx(s), s))) for s in shapes]
+    return items + [(k, maker(catalogue.blocks[k])) for k in keys]
 
 
 @dataclass
@@ -303,6 +342,8 @@ class _Build:
     existing_meta: dict[str, dict]
     passes: int
     started: float
+    method: str = "isolated"
+    subnets: int = 0  # profiled in context
 
     def assemble(self, done: dict[str, dict[str, dict]]) -> tuple[pd.DataFrame, dict[str, dict]]:
         """The table and metadata of every group from the rows reused and the blocks complete in `done`."""
@@ -312,6 +353,7 @@ class _Build:
             key, old = self.keys[p.device.name], self.old[p.device.name]
             new = pd.DataFrame(self._rows(key, set(old["key"]), done.get(p.device.name, {})), columns=TABLE_COLUMNS)
             group = pd.concat([old, new], ignore_index=True) if len(new) else old
+            group, baseline = _at_reference_speed(group)
             frames.append(group)
             reused = len(group) - len(new)
             previous_s = self.existing_meta.get(key.id, {}).get("build_s", 0.0) if reused else 0.0
@@ -321,24 +363,31 @@ class _Build:
                 "reused": int(reused), "archs_scanned": self.catalogue.archs_scanned,
                 "threads": p.device.threads, "batch_size": p.device.batch_size, "passes": self.passes,
                 "protocol": asdict(p.device.protocol), "onnxruntime": p.node.get("onnxruntime"),
-                "hostname": p.node.get("hostname"),
+                "hostname": p.node.get("hostname"), "reference_ms": baseline, "method": self.method,
+                "subnets": self.subnets,
             }
         return pd.concat(frames, ignore_index=True), meta
 
     def _rows(self, key: TableKey, have: set[str], records: dict[str, dict]) -> list[dict[str, Any]]:
-        """Rows of the wanted blocks complete in `records` (with their input shape's call overhead)."""
+        """Rows of the wanted blocks complete in `records`, less their input shape's call overhead when
+        timed isolated (a block timed in context has none: node times exclude the call)."""
         overhead = {tuple(json.loads(t.split(":", 1)[1])): r["median_ms"]
                     for t, r in records.items() if t.startswith("identity:")}
         rows = []
         for k in self.wanted:
             b = self.catalogue.blocks[k]
-            if k in have or k not in records or tuple(b.in_shape) not in overhead:
+            if k in have or k not in records:
                 continue
-            r, oh = records[k], overhead[tuple(b.in_shape)]
+            r = records[k]
+            oh = 0.0 if r.get("in_context") else overhead.get(tuple(b.in_shape))
+            if oh is None:
+                continue
             rows.append({
                 **asdict(key), "key": k, "position": self.catalogue.positions[k],
                 "in_shape": json.dumps(list(b.in_shape)),
-                "latency_ms": max(r["median_ms"] - oh, 0.0), "median_ms": r["median_ms"], "overhead_ms": oh,
+                # latency_ms: stated at the group's reference speed by `_at_reference_speed`
+                "latency_ms": max(r["median_ms"] - oh, 0.0), "latency_raw_ms": max(r["median_ms"] - oh, 0.0),
+                "reference_ms": r.get("reference_ms"), "median_ms": r["median_ms"], "overhead_ms": oh,
                 "iqr_ms": r["iqr_ms"], "runs": r["runs"], "series": r["series"], "clock": r["clock"],
                 "wall_median_ms": r["wall_median_ms"], "passes": r["passes"], "pass_spread": r["pass_spread"],
                 **{f"f_{name}": self.features[k][name] for name in FEATURES},
@@ -347,15 +396,43 @@ class _Build:
         return rows
 
 
-def _same_settings(meta: dict | None, device: DeviceSpec) -> bool:
+def _at_reference_speed(group: pd.DataFrame) -> tuple[pd.DataFrame, float | None]:
+    """The group with `latency_ms` = `latency_raw_ms` stated at the group's reference speed
+    (`lut_baseline_ms`, returned too). Recomputed from the raw values whenever the group changes, so rows
+    measured in different builds stay comparable. The call overhead subtracted from a block was measured
+    at nearly the same moment (the first items of the build), so it is not restated apart."""
+    baseline = lut_baseline_ms(group)
+    if baseline is None:
+        return group, None
+    group = group.copy()
+    group["latency_ms"] = [at_reference_speed(float(raw), ref, baseline)
+                           for raw, ref in zip(group["latency_raw_ms"], pd.to_numeric(group["reference_ms"]))]
+    return group, baseline
+
+
+def lut_baseline_ms(group: pd.DataFrame) -> float | None:
+    """The reference speed (ms per call of the reference model) that a LUT group's `latency_ms` is stated at:
+    the median `reference_ms` of its rows. None for a group measured without a reference."""
+    reference = pd.to_numeric(group["reference_ms"], errors="coerce") if len(group) else pd.Series(dtype=float)
+    return None if reference.isna().all() else float(reference.median())
+
+
+def _same_settings(meta: dict | None, device: DeviceSpec, method: str) -> bool:
     return bool(meta) and meta.get("protocol") == asdict(device.protocol) and \
-        meta.get("threads") == device.threads and meta.get("batch_size") == device.batch_size
+        meta.get("threads") == device.threads and meta.get("batch_size") == device.batch_size and \
+        meta.get("method", "isolated") == method
 
 
-TABLE_COLUMNS = [*GROUP_COLUMNS, "key", "position", "in_shape", "latency_ms", "median_ms", "overhead_ms",
+TABLE_COLUMNS = [*GROUP_COLUMNS, "key", "position", "in_shape", "latency_ms", "latency_raw_ms", "reference_ms",
+                 "median_ms", "overhead_ms",
                  "iqr_ms", "runs", "series", "clock", "wall_median_ms", "passes", "pass_spread",
                  *(f"f_{n}" for n in FEATURES),
                  "node_id", "hostname", "measured_at"]
+
+
+# Columns added after LUTs were first written, and how a table without them is read: such a group was measured
+# without a reference, so its latencies are raw (and its protocol differs: a new build measures it anew).
+LATER_COLUMNS = {"latency_raw_ms": lambda t: t["latency_ms"], "reference_ms": lambda t: np.nan}
 
 
 def empty_table() -> pd.DataFrame:
@@ -378,7 +455,12 @@ def read_lut(location: str | os.PathLike, what: str = "--lut") -> tuple[pd.DataF
     if not storage.exists(location):
         return empty_table(), {}
     table = storage.read_table(location, what)
-    return table.to_pandas(), _lut_meta(table, location, what)
+    meta = _lut_meta(table, location, what)
+    frame = table.to_pandas()
+    for column, fill in LATER_COLUMNS.items():
+        if column not in frame:
+            frame[column] = fill(frame)
+    return frame[TABLE_COLUMNS], meta
 
 
 def _lut_meta(table: pa.Table, location: str | os.PathLike, what: str) -> dict[str, dict]:
@@ -386,7 +468,7 @@ def _lut_meta(table: pa.Table, location: str | os.PathLike, what: str) -> dict[s
         return UserError(f"{what}: {storage.display(location)} is not a raynas LUT ({reason}); allowed: a "
                          "Parquet file written by `raynas profile lut` (or a location not holding a file yet)")
 
-    missing = [c for c in TABLE_COLUMNS if c not in table.column_names]
+    missing = [c for c in TABLE_COLUMNS if c not in table.column_names and c not in LATER_COLUMNS]
     if missing:
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         raise refuse(f"missing columns {missing[:4]}{more}")

@@ -12,19 +12,11 @@ from scipy.stats import spearmanr
 
 from raynas.hw.devices import DeviceSpec
 from raynas.hw.latency import Affine, BlockLinearModel, CalibratedModel, build_models
-from raynas.hw.lut import measure_on_devices, onnx_bytes
+from raynas.hw.lut import lut_baseline_ms, measure_on_devices, subnet_onnx
+from raynas.hw.measure import at_reference_speed
 from raynas.hw.remote import Profiler
 from raynas.space import Arch, SearchSpace
-from raynas.supernets.base import Subnet, Supernet
-
-
-def subnet_onnx(supernet: Supernet, arch: Arch) -> tuple[bytes, tuple[int, ...]]:
-    """The extracted subnet as verified ONNX and its input shape (that of its first block: a family may
-    take inputs at another resolution than the space's, e.g. an input-resize piece)."""
-    blocks = supernet.blocks(arch)
-    subnet = Subnet(blocks, arch, supernet.space.name).eval()
-    shape = tuple(blocks[0].in_shape)
-    return onnx_bytes(subnet, shape), shape
+from raynas.supernets.base import Supernet
 
 
 def measure_subnets(supernet: Supernet, archs: Sequence[Arch], profilers: list[Profiler],
@@ -64,10 +56,20 @@ def _fill_random(space, archs: list[Arch], n: int, rng, exclude: set) -> list[Ar
     return archs
 
 
+def at_lut_speed(records: Sequence[dict], baseline_ms: float | None) -> list[float]:
+    """Measured latencies (ms) stated at the LUT's reference speed (see raynas.hw.measure.ReferenceClock)."""
+    return [at_reference_speed(r["median_ms"], r.get("reference_ms"), baseline_ms) for r in records]
+
+
 def fit_calibration(supernet: Supernet, table: pd.DataFrame, archs: Sequence[Arch], records: list[dict],
                     seed: int = 0) -> dict[str, Any]:
-    """Each model's kappa/epsilon fitted on measured subnets; the record `latency.save_calibration` stores."""
-    measured = [r["median_ms"] for r in records]
+    """Each model's kappa/epsilon fitted on measured subnets; the record `latency.save_calibration` stores.
+
+    Fitted at the LUT's reference speed (`baseline_ms`): the subnets are measured minutes or days after the
+    blocks, on a device whose speed may have moved meanwhile. `measured_raw_ms` keeps what the clock showed.
+    """
+    baseline = lut_baseline_ms(table)
+    measured = at_lut_speed(records, baseline)
     models = build_models(supernet, table)
     fitted = {kind: model.calibrate(archs, measured) for kind, model in models.items()}
     summary = {kind: {"calibration": {"slope": f.slope, "intercept": f.intercept},
@@ -77,7 +79,8 @@ def fit_calibration(supernet: Supernet, table: pd.DataFrame, archs: Sequence[Arc
     summary["lut"]["missing_keys"] = len(models["lut"].missing_keys)
     return {
         "n": len(archs), "seed": seed, "archs": [a.to_dict() for a in archs], "measured_ms": measured,
-        "iqr_ms": [r["iqr_ms"] for r in records],
+        "measured_raw_ms": [r["median_ms"] for r in records], "reference_ms": [r.get("reference_ms") for r in records],
+        "baseline_ms": baseline, "iqr_ms": [r["iqr_ms"] for r in records],
         "node_id": records[0]["node_id"] if records else None,
         "hostname": records[0]["hostname"] if records else None, "models": summary,
     }
@@ -125,11 +128,16 @@ def _num(x: float, digits: int = 4) -> float | None:
 
 def summarize_validation(supernet: Supernet, table: pd.DataFrame, calibration: dict, device: DeviceSpec,
                          archs: Sequence[Arch], records: list[dict], seed: int = 0,
-                         lut_build_s: float | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Each calibrated model's predictions against the measured held-out subnets."""
-    measured = [r["median_ms"] for r in records]
+                         lut_build_s: float | None = None, again: list[dict] | None = None
+                         ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Each calibrated model's predictions against the measured held-out subnets, at the LUT's reference
+    speed. `again`: the same subnets measured once more, for the measurement's self-agreement."""
+    baseline = calibration.get("baseline_ms") or lut_baseline_ms(table)
+    measured = at_lut_speed(records, baseline)
     models = models_from_calibration(supernet, table, calibration)
     rows = pd.DataFrame({"arch": [a.to_json() for a in archs], "measured_ms": measured,
+                         "measured_raw_ms": [r["median_ms"] for r in records],
+                         "reference_ms": [r.get("reference_ms") for r in records],
                          "iqr_ms": [r["iqr_ms"] for r in records]})
     per_model = {}
     for kind, model in models.items():
@@ -146,31 +154,63 @@ def summarize_validation(supernet: Supernet, table: pd.DataFrame, calibration: d
         "space": supernet.space.name, "device": device.name, "runtime": device.runtime,
         "resolution": supernet.space.resolution, "num_classes": supernet.space.num_classes,
         "seed": seed, "lut_blocks": len(table), "missing_keys": len(models["lut"].missing_keys),
+        "reference_ms": baseline,
         "measured_ms": {"min": _num(min(measured)), "median": _num(float(np.median(measured))),
                         "max": _num(max(measured))} if measured else None,
         "models": per_model, "hostname": records[0]["hostname"] if records else None,
     }
+    if baseline is not None and "measured_raw_ms" in calibration:
+        summary["lut_without_reference"] = _raw_lut_accuracy(supernet, table, calibration, archs, records)
+    if again is not None:
+        rows["measured_again_ms"] = at_lut_speed(again, baseline)
+        summary["self_agreement"] = _num(agreement(rows["measured_ms"], rows["measured_again_ms"]))
+        summary["self_agreement_raw"] = _num(agreement([r["median_ms"] for r in records],
+                                                       [r["median_ms"] for r in again]))
     return summary, rows
+
+
+def agreement(first: Sequence[float], second: Sequence[float], within: float = 0.10) -> float:
+    """Share of models whose two measurements agree within +-`within` (relative to the first)."""
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    return float((np.abs(b - a) <= within * a).mean()) if len(a) else float("nan")
+
+
+def _raw_lut_accuracy(supernet: Supernet, table: pd.DataFrame, calibration: dict, archs: Sequence[Arch],
+                      records: list[dict]) -> dict[str, float]:
+    """What the LUT model scores when nothing is stated at the reference speed (raw blocks, raw calibration
+    subnets, raw held-out subnets): the figure drift-proofing is there to improve on."""
+    model = build_models(supernet, table.assign(latency_ms=table["latency_raw_ms"]))["lut"]
+    model.calibrate([supernet.space.validate(a) for a in calibration["archs"]], calibration["measured_raw_ms"])
+    return accuracy([model.predict(a) for a in archs], [r["median_ms"] for r in records])
 
 
 def validate_many(supernet: Supernet, tables: dict[str, pd.DataFrame], calibrations: dict[str, dict],
                   profilers: list[Profiler], n: int = 100, seed: int = 0,
-                  lut_build_s: dict[str, float] | None = None, show_progress: bool = True, passes: int = 1
-                  ) -> dict[str, tuple[dict[str, Any], pd.DataFrame]]:
+                  lut_build_s: dict[str, float] | None = None, show_progress: bool = True, passes: int = 1,
+                  recheck: bool = True) -> dict[str, tuple[dict[str, Any], pd.DataFrame]]:
     """Measure `n` random subnets that no device's calibration used, on every device at once, and compare
-    each model's prediction with them. Returns per device: (summary, one row per subnet)."""
+    each model's prediction with them. `recheck`: measure them once more, in reverse order, to report how
+    far the device agrees with itself (no model can be judged closer than that). Returns per device:
+    (summary, one row per subnet)."""
     used = {supernet.space.validate(a) for c in calibrations.values() for a in c["archs"]}
     archs = held_out_archs(supernet.space, n, seed, exclude=list(used))
     records = measure_subnets(supernet, archs, profilers, show_progress, desc="held-out subnets", passes=passes)
+    again = None
+    if recheck:
+        backwards = measure_subnets(supernet, archs[::-1], profilers, show_progress, desc="held-out again",
+                                    passes=passes)
+        again = {name: recs[::-1] for name, recs in backwards.items()}
     return {p.device.name: summarize_validation(
         supernet, tables[p.device.name], calibrations[p.device.name], p.device, archs, records[p.device.name],
-        seed, (lut_build_s or {}).get(p.device.name)) for p in profilers}
+        seed, (lut_build_s or {}).get(p.device.name), None if again is None else again[p.device.name])
+        for p in profilers}
 
 
 def validate(supernet: Supernet, table: pd.DataFrame, calibration: dict, profiler: Profiler, n: int = 100,
-             seed: int = 0, lut_build_s: float | None = None, show_progress: bool = True, passes: int = 1
-             ) -> tuple[dict[str, Any], pd.DataFrame]:
+             seed: int = 0, lut_build_s: float | None = None, show_progress: bool = True, passes: int = 1,
+             recheck: bool = True) -> tuple[dict[str, Any], pd.DataFrame]:
     """`validate_many` for one device: (the `raynas profile validate --json` object, rows per subnet)."""
     name = profiler.device.name
     return validate_many(supernet, {name: table}, {name: calibration}, [profiler], n, seed,
-                         {name: lut_build_s} if lut_build_s is not None else None, show_progress, passes)[name]
+                         {name: lut_build_s} if lut_build_s is not None else None, show_progress, passes,
+                         recheck)[name]

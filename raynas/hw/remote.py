@@ -15,11 +15,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import ActorAlreadyExistsError, RayActorError
 
 from raynas.hw.devices import DeviceNotPresent, DeviceSpec, ensure_device_present
-from raynas.hw.measure import measure_onnx
+from raynas.hw.measure import ReferenceClock, block_times, measure_onnx, node_times
 
 
 class DeviceProfiler:
@@ -27,6 +28,7 @@ class DeviceProfiler:
 
     def __init__(self, device: dict):
         self.device = DeviceSpec.from_dict(device)
+        self._reference: ReferenceClock | None = None  # built on first use, kept: one session per actor
 
     def node(self) -> dict[str, Any]:
         import onnxruntime as ort
@@ -40,23 +42,50 @@ class DeviceProfiler:
             "providers": ort.get_available_providers(),
         }
 
-    def measure(self, items: Iterable[tuple[str, Any, tuple[int, ...]]]) -> list[dict[str, Any]]:
-        """Time each `(tag, onnx_bytes, input_shape)`; returns one record per item, in order."""
+    def measure(self, items: Iterable[tuple[str, Any, tuple[int, ...]]], per_block: bool = False
+                ) -> list[dict[str, Any]]:
+        """Time each `(tag, onnx_bytes, input_shape)`; returns one record per item, in order.
+
+        `per_block`: each model is an exported subnet, profiled per node, and its record also holds
+        `block_ms`, {block position: ms} (raynas.hw.measure.block_times).
+
+        With a reference (`protocol.reference_runs` > 0) a series of reference calls runs before the first
+        model and after each one; every record of the call gets the median of all of them, `reference_ms`:
+        the device's speed over the few seconds the call lasts, steadier than one short series.
+        """
         node = ray.get_runtime_context().get_node_id()
         host = socket.gethostname()
+        reference = self._reference_clock()
+        reference_samples = [reference.sample()] if reference else []
         records = []
         for tag, model, input_shape in items:
             t0 = time.perf_counter()
             if isinstance(model, ray.ObjectRef):  # shared by several devices' calls, fetched here
                 model = ray.get(model)
-            timing = measure_onnx(model, tuple(input_shape), self.device)
+            if per_block:
+                timing, per_run = node_times(model, tuple(input_shape), self.device)
+            else:
+                timing, per_run = measure_onnx(model, tuple(input_shape), self.device), None
+            if reference:
+                reference_samples.append(reference.sample())
             records.append({
                 "tag": tag, "median_ms": timing.median_ms, "iqr_ms": timing.iqr_ms, "runs": timing.runs,
                 "series": timing.series, "warmup_runs": timing.warmup_runs, "clock": timing.clock,
                 "wall_median_ms": timing.wall_median_ms,
                 "wall_s": time.perf_counter() - t0, "node_id": node, "hostname": host, "measured_at": time.time(),
+                **({"block_ms": block_times(per_run)} if per_block else {}),
             })
+        reference_ms = float(np.median(np.concatenate(reference_samples))) if reference_samples else None
+        for record in records:
+            record["reference_ms"] = reference_ms
         return records
+
+    def _reference_clock(self) -> ReferenceClock | None:
+        if self.device.protocol.reference_runs == 0:
+            return None
+        if self._reference is None:
+            self._reference = ReferenceClock(self.device)
+        return self._reference
 
 
 _RemoteProfiler = ray.remote(DeviceProfiler)
@@ -69,6 +98,16 @@ def profiler_name(device: str) -> str:
     return f"profiler:{device}"
 
 
+@dataclass(frozen=True)
+class MeasureCall:
+    """A `DeviceProfiler.measure` call in flight: its result, the actor it went to and what it asked."""
+
+    ref: ray.ObjectRef
+    actor: Any
+    items: list
+    per_block: bool
+
+
 @dataclass
 class Profiler:
     """A started profiler actor and where it landed (`node`: node_id, hostname, onnxruntime, providers)."""
@@ -78,24 +117,26 @@ class Profiler:
     node: dict[str, Any]
     replaced: int = 0  # actors started in place of one that died
 
-    def submit(self, items: list[tuple[str, Any, tuple[int, ...]]]) -> ray.ObjectRef:
+    def submit(self, items: list[tuple[str, Any, tuple[int, ...]]], per_block: bool = False) -> MeasureCall:
         """Start timing `(tag, onnx_bytes or its object ref, input_shape)` items; `collect` the result."""
-        return self.actor.measure.remote(items)
+        return MeasureCall(self.actor.measure.remote(items, per_block), self.actor, items, per_block)
 
-    def collect(self, ref: ray.ObjectRef, items: list, replacements: int = 2) -> list[dict[str, Any]]:
-        """The records of the call `ref = submit(items)`. When the actor died meanwhile (its process or node
-        was killed), a new actor replaces it and measures `items` again, up to `replacements` times: what
-        earlier calls returned is the caller's and stays, only this call's items are measured anew."""
+    def collect(self, call: MeasureCall, replacements: int = 2) -> list[dict[str, Any]]:
+        """The records of `call`. When its actor died meanwhile (its process or node was killed), a new
+        actor replaces it (once: a call sent to an actor already replaced only goes to the new one) and
+        measures the call's items again, up to `replacements` times: what earlier calls returned is the
+        caller's and stays, only this call's items are measured anew."""
         for _ in range(replacements):
             try:
-                return ray.get(ref)
+                return ray.get(call.ref)
             except RayActorError:
-                self.replace()
-                ref = self.submit(items)
-        return ray.get(ref)
+                if call.actor is self.actor:
+                    self.replace()
+                call = self.submit(call.items, call.per_block)
+        return ray.get(call.ref)
 
-    def measure(self, items: list) -> list[dict[str, Any]]:
-        return self.collect(self.submit(items), items)
+    def measure(self, items: list, per_block: bool = False) -> list[dict[str, Any]]:
+        return self.collect(self.submit(items, per_block))
 
     def replace(self) -> None:
         """Start a fresh actor for the device in place of this one. A dead actor is never reused (Ray does

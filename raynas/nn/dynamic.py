@@ -8,6 +8,9 @@ previous layer produced.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +26,16 @@ def _center_crop_kernel(weight: torch.Tensor, k: int) -> torch.Tensor:
     return weight[..., start : start + k, start : start + k]
 
 
+def fan_out_init(weight: torch.Tensor) -> None:
+    """OFA's conv initialisation (He normal over the fan-out), the elastic convs' default."""
+    nn.init.kaiming_normal_(weight, mode="fan_out")
+
+
+def conv2d_default_init(weight: torch.Tensor) -> None:
+    """nn.Conv2d's own initialisation, for a family whose reference trained plain torch convs (NAS-Bench-201)."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
 class DynamicConv2d(nn.Module):
     """Conv whose output channels and (odd) kernel size are chosen per forward.
 
@@ -30,14 +43,15 @@ class DynamicConv2d(nn.Module):
     """
 
     def __init__(self, max_in: int, max_out: int, max_kernel: int = 1, stride: int = 1,
-                 depthwise: bool = False, bias: bool = False, dilation: int = 1):
+                 depthwise: bool = False, bias: bool = False, dilation: int = 1,
+                 init: Callable[[torch.Tensor], None] = fan_out_init):
         super().__init__()
         self.max_in, self.max_out, self.max_kernel = max_in, max_out, max_kernel
         self.stride, self.depthwise, self.dilation = stride, depthwise, dilation
         in_per_group = 1 if depthwise else max_in
         self.weight = nn.Parameter(torch.empty(max_out, in_per_group, max_kernel, max_kernel))
         self.bias = nn.Parameter(torch.zeros(max_out)) if bias else None
-        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+        init(self.weight)
 
     def active_weight(self, in_ch: int, out_ch: int, kernel: int, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The slice a (in_ch, out_ch, kernel) choice uses of the largest weight: the stored one, or a

@@ -18,7 +18,7 @@ import torch
 from timm.layers import get_act_fn, get_act_layer
 from torch import nn
 
-from raynas.nn.dynamic import DynamicBatchNorm2d, DynamicConv2d
+from raynas.nn.dynamic import DynamicBatchNorm2d, DynamicConv2d, fan_out_init
 
 # Space files spell MobileNetV3's activation as OFA does; timm calls it hard_swish.
 _ACT_ALIASES = {"hswish": "hard_swish"}
@@ -60,9 +60,9 @@ class DynamicConvNormAct(nn.Module):
     """
 
     def __init__(self, max_in: int, max_out: int, kernel: int = 1, stride: int = 1, depthwise: bool = False,
-                 bias: bool = False, act: str | None = None):
+                 bias: bool = False, act: str | None = None, init: Callable[[torch.Tensor], None] = fan_out_init):
         super().__init__()
-        self.conv = DynamicConv2d(max_in, max_out, kernel, stride, depthwise=depthwise, bias=bias)
+        self.conv = DynamicConv2d(max_in, max_out, kernel, stride, depthwise=depthwise, bias=bias, init=init)
         self.bn = DynamicBatchNorm2d(max_out)
         self.act = act
 
@@ -193,3 +193,29 @@ class DynamicInvertedResidual(nn.Module):
             parts += [conv_cost(mid, se_mid, 1, (1, 1), bias=True, bn=False),
                       conv_cost(se_mid, mid, 1, (1, 1), bias=True, bn=False)]
         return add_costs(*parts)
+
+
+# ---- classifier head ----------------------------------------------------------------------------
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C): global average pooling as one `mean` (ONNX: one ReduceMean)."""
+    return x.mean(dim=(2, 3))
+
+
+def classify(x: torch.Tensor, norm: nn.Module, pool: Callable[[torch.Tensor], torch.Tensor], fc: nn.Module,
+             fc_dist: nn.Module | None = None) -> torch.Tensor:
+    """Norm, pool, linear; with a distillation linear the two are averaged (timm's DeiT / EfficientFormer
+    heads). A family's dynamic head and the static `ClassifierHead` both run this."""
+    x = pool(norm(x))
+    return fc(x) if fc_dist is None else (fc(x) + fc_dist(x)) / 2
+
+
+class ClassifierHead(nn.Module):
+    """Static head of an extracted subnet: `classify` over plain norm and linear layers."""
+
+    def __init__(self, norm: nn.Module, pool: Callable[[torch.Tensor], torch.Tensor], fc: nn.Linear,
+                 fc_dist: nn.Linear | None = None):
+        super().__init__()
+        self.norm, self.pool, self.fc, self.fc_dist = norm, pool, fc, fc_dist
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return classify(x, self.norm, self.pool, self.fc, self.fc_dist)

@@ -61,9 +61,6 @@ class SubnetEvaluator:
         return {"accuracy": float(accuracy), "started_at": started, "finished_at": finished,
                 "eval_s": finished - started, "worker": self.identity}
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def evaluation_data(config: EvaluatorConfig, resolution: int, channels: int) -> tuple[Any, Any]:
     """The fixed BN-recalibration images (seeded subset of the un-augmented training split) and the

@@ -133,6 +133,7 @@ def export_and_measure(supernet, chosen: list[dict], run_dir: str, device: str |
             profiler.stop()
         for i, t in zip(todo, timings):
             records[i].update(measured_ms=t["median_ms"], measured_iqr_ms=t["iqr_ms"], measured_runs=t["runs"],
+                              measured_reference_ms=t.get("reference_ms"),
                               measured_on=t["hostname"], measured_node=t["node_id"], device=device)
             storage.write_json(_record_of(run_dir, i), records[i])
     return [{**rec, **done} for rec, done in zip(chosen, records)]
@@ -189,6 +190,10 @@ def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     chosen = spread_along_front(front, cfg["export"]["top_k"])
     exported = export_and_measure(supernet, chosen, run_dir, lat["device"] if cfg["export"]["measure"] else None,
                                   lat["devices_file"])
+    for rec in exported:  # the prediction at the device's speed when it measured (see raynas.hw.measure)
+        if rec.get("measured_reference_ms"):
+            rec["predicted_at_measurement_ms"] = latency_model.predict_at(Arch.from_json(rec["arch"]),
+                                                                          rec["measured_reference_ms"])
     if exported:
         storage.write_pandas(storage.join(run_dir, "exported.parquet"), pd.DataFrame(exported))
     summary = {

@@ -11,7 +11,8 @@ from raynas.errors import ConfigError
 from raynas.registry import Registry
 from raynas.space.space import SearchSpace, SpaceError
 
-# family name -> module implementing `build_space(cfg) -> SearchSpace` and `build_supernet(space, **kw)`
+# family name -> module declaring `FAMILY_KEYS` (its YAML keys besides COMMON_KEYS) and implementing
+# `build_space(cfg) -> SearchSpace` and `build_supernet(space, **kw)`
 FAMILIES = Registry("family", {
     "nb201": "raynas.supernets.nb201",
     "uib": "raynas.supernets.uib",
@@ -60,7 +61,9 @@ def space_from_config(cfg: Mapping[str, Any], **overrides: Any) -> SearchSpace:
         for key in ("resolution", "num_classes", "in_channels"):
             if key in cfg:
                 c.integer(cfg[key], f"space {name}.{key}", minimum=1)
-        space = family_module(family).build_space(cfg)
+        module = family_module(family)
+        c.check_known(cfg, COMMON_KEYS + module.FAMILY_KEYS, f"space {name}")
+        space = module.build_space(cfg)
     except ConfigError as exc:  # the one place a family's config-layer error becomes the space's error type
         raise SpaceError(str(exc)) from None
     space.config = dict(cfg)  # the full declaration, so a checkpoint can rebuild exactly this space

@@ -28,14 +28,13 @@ from torch import nn
 from raynas import config as c
 from raynas.nn.attention import DynamicTransformerBlock
 from raynas.nn.dynamic import DynamicLayerNorm, DynamicLinear
+from raynas.nn.layers import ClassifierHead, classify
 from raynas.space import Arch, SearchSpace
-from raynas.space.loader import COMMON_KEYS
 from raynas.space.space import Dim, SpaceError
 from raynas.supernets.base import Block, Supernet, declared_fields
 
 FAMILY_KEYS = ("patch_size", "head_dim", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
                "global_pool")
-POOLS = ("cls", "mean")
 # AutoFormer's LayerNormSuper is a plain nn.LayerNorm, hence torch's default eps (timm ViTs use 1e-6).
 NORM_EPS = 1e-5
 
@@ -127,14 +126,12 @@ def parse_spec(cfg: Mapping[str, Any], where: str) -> AutoFormerSpec:
         num_heads=c.int_choices(c.required(cfg, "num_heads", where), f"{where}.num_heads", as_set=True),
         mlp_ratios=ratios,
         qkv_bias=c.boolean(cfg.get("qkv_bias", True), f"{where}.qkv_bias"),
-        global_pool=c.choice(cfg.get("global_pool", "cls"), f"{where}.global_pool", POOLS),
+        global_pool=c.choice(cfg.get("global_pool", "cls"), f"{where}.global_pool", tuple(TOKEN_POOLS)),
     )
 
 
 def build_space(cfg: dict) -> AutoFormerSpace:
-    name = cfg["name"]
-    where = f"space {name}"
-    c.check_known(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    where = f"space {cfg['name']}"
     spec = parse_spec(cfg, where)
     dims = [Dim(embed_dim_name(), spec.embed_dims), Dim(depth_name(), spec.depths)]
     for i in range(spec.max_depth):
@@ -145,9 +142,16 @@ def build_space(cfg: dict) -> AutoFormerSpace:
 
 
 # ---- static pieces of an extracted subnet -----------------------------------------------------------
-def pool_tokens(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """Class token, or the mean of the patch tokens (AutoFormer's `--gp`; the class token still attends)."""
-    return x[:, 0] if mode == "cls" else x[:, 1:].mean(dim=1)
+def class_token(x: torch.Tensor) -> torch.Tensor:
+    return x[:, 0]
+
+
+def mean_patch_tokens(x: torch.Tensor) -> torch.Tensor:
+    """AutoFormer's `--gp`: the mean of the patch tokens (the class token still attends)."""
+    return x[:, 1:].mean(dim=1)
+
+
+TOKEN_POOLS = {"cls": class_token, "mean": mean_patch_tokens}
 
 
 class TokenEmbedding(nn.Module):
@@ -162,17 +166,6 @@ class TokenEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x).flatten(2).transpose(1, 2)
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-
-
-class ClassifierHead(nn.Module):
-    """Final LayerNorm, token pooling, linear classifier."""
-
-    def __init__(self, norm: nn.LayerNorm, head: nn.Linear, global_pool: str):
-        super().__init__()
-        self.norm, self.head, self.global_pool = norm, head, global_pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(pool_tokens(self.norm(x), self.global_pool))
 
 
 class DynamicPatchEmbed(nn.Module):
@@ -255,7 +248,7 @@ class AutoFormerSupernet(Supernet):
         x = x + self.position_embedding(dim, grid)
         for i in range(arch[depth_name()]):
             x = self.layers[i](x, arch[heads_name(i)], mlp_hidden(dim, arch[mlp_ratio_name(i)]))
-        return self.head(pool_tokens(self.norm(x), self.spec.global_pool))
+        return classify(x, self.norm, TOKEN_POOLS[self.spec.global_pool], self.head)
 
     @torch.no_grad()
     def blocks(self, arch: Arch, resolution: int | None = None) -> list[Block]:
@@ -274,7 +267,7 @@ class AutoFormerSupernet(Supernet):
             key = (f"autoformer.block(tokens={tokens},dim={dim},heads={heads},head_dim={spec.head_dim},"
                    f"hidden={hidden},qkv_bias={int(spec.qkv_bias)})")
             out.append(Block(key, self.layers[i].static(dim, heads, hidden), (1, tokens, dim)))
-        head = ClassifierHead(self.norm.static(dim), self.head.static(dim), spec.global_pool)
+        head = ClassifierHead(self.norm.static(dim), TOKEN_POOLS[spec.global_pool], self.head.static(dim))
         key = f"autoformer.head(tokens={tokens},dim={dim},pool={spec.global_pool},classes={space.num_classes})"
         out.append(Block(key, head, (1, tokens, dim)))
         return out

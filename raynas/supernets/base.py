@@ -5,12 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
+from raynas.nn.dynamic import DynamicConv2d
 from raynas.space import Arch, SearchSpace
 
 
@@ -139,7 +139,12 @@ class Composite(ABC):
 WeightGenerator = Callable[[Arch | None], Mapping[str, torch.Tensor]]
 
 
-NO_WEIGHTS: Mapping[str, torch.Tensor] = MappingProxyType({})
+# (conv module) -> its full-size weight: the stored parameter or a generated tensor (one forward's choice)
+WeightFetch = Callable[[DynamicConv2d], torch.Tensor]
+
+
+def stored_weight(conv: DynamicConv2d) -> torch.Tensor:
+    return conv.weight
 
 
 def slot_weight(generated: Mapping[str, torch.Tensor], slot: str, stored: torch.Tensor) -> torch.Tensor:
@@ -174,9 +179,18 @@ class TopologySupernet(Supernet, ABC):
         weights at tau ~ 1.5."""
         return torch.softmax(self.arch_params / temperature, dim=-1)
 
-    @abstractmethod
-    def conv_slots(self) -> dict[str, nn.Module]:
+    def name_conv_slots(self) -> None:
+        """Make every conv of the built network a weight slot named by its qualified name (call once, at the
+        end of `__init__`: a generator registered later is no part of the network it generates for)."""
+        self._convs: dict[str, DynamicConv2d] = {}
+        for qualname, module in self.named_modules():
+            if isinstance(module, DynamicConv2d):
+                module.slot_name = qualname
+                self._convs[qualname] = module
+
+    def conv_slots(self) -> dict[str, DynamicConv2d]:
         """Every conv by slot name; its `weight.shape` is what a weight generator returns."""
+        return dict(self._convs)
 
     @abstractmethod
     def active_conv_slots(self, arch: Mapping[str, Any]) -> list[str]:
@@ -193,7 +207,9 @@ class TopologySupernet(Supernet, ABC):
             self.add_module("weight_generator", generator)
         self.__dict__["_weight_generator"] = generator  # not an attribute nn.Module would register twice
 
-    def generated_weights(self, arch: Arch | None) -> Mapping[str, torch.Tensor]:
-        """The generator's weights for `arch` (None: the teacher), once per forward or extraction."""
+    def weight_fetch(self, arch: Arch | None) -> WeightFetch:
+        """The conv weights of one forward or extraction of `arch` (None: the teacher): the generator's
+        where it supplies them (asked once), the stored ones elsewhere."""
         generator = self.__dict__.get("_weight_generator")
-        return NO_WEIGHTS if generator is None else generator(arch)
+        generated = {} if generator is None else generator(arch)
+        return lambda conv: slot_weight(generated, conv.slot_name, conv.weight)

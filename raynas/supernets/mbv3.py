@@ -30,7 +30,6 @@ from raynas import config as c
 from raynas.nn.dynamic import make_divisible
 from raynas.nn.layers import DynamicInvertedResidual, conv_out_size
 from raynas.space import Arch, Dim, SearchSpace, SpaceError
-from raynas.space.loader import COMMON_KEYS
 from raynas.supernets.base import Block, StageSpec, Supernet, declared_fields
 from raynas.supernets.mbv3_blocks import (
     ACTIVATIONS,
@@ -213,9 +212,7 @@ class MBV3Space(SearchSpace):
 
 
 def build_space(cfg: dict) -> MBV3Space:
-    name = cfg["name"]
-    where = f"space {name}"
-    c.check_known(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    where = f"space {cfg['name']}"
     structure = parse_structure(cfg, where)
     resolution = cfg.get("resolution", max(structure.resolutions))
     searched = tuple(r for r in structure.resolutions if r <= resolution)

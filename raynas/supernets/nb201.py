@@ -12,7 +12,7 @@ of them and builds every edge, even those that cannot reach the output, so costs
 Supernet: single path for `forward(x, arch)`; `forward(x, None)` is the teacher of seed 000 (eq. 5), a
 DARTS mixture over all ops of every edge weighted by softmax(`arch_params`), one (edges, ops) matrix
 shared by all cells. Ops do not share weights (a topology space; weights differ per edge and op);
-all convs read their weight through `WeightSlotConv2d.resolve`, so `set_weight_generator` can supply
+all convs are weight slots read through `weight_fetch(arch)`, so `set_weight_generator` can supply
 arch-conditioned weights (Kshot-Hypernet) for any of them.
 """
 
@@ -27,7 +27,6 @@ from torch import nn
 
 from raynas import config
 from raynas.space import Arch, Dim, SearchSpace, SpaceError
-from raynas.space.loader import COMMON_KEYS
 from raynas.supernets.base import Block, TopologySupernet, declared_fields
 from raynas.supernets.nb201_ops import (
     CONV_KERNELS,
@@ -35,9 +34,8 @@ from raynas.supernets.nb201_ops import (
     OP_NAMES,
     Head,
     ResNetReduction,
-    Stem,
     SuperCell,
-    WeightSlotConv2d,
+    stem,
 )
 
 FAMILY_KEYS = ("channels", "cells_per_stage", "nodes", "ops")
@@ -160,9 +158,7 @@ class NB201Space(SearchSpace):
 
 
 def build_space(cfg: dict) -> NB201Space:
-    name = cfg["name"]
-    where = f"space {name}"
-    config.check_known(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    where = f"space {cfg['name']}"
     channels = config.int_choices(config.required(cfg, "channels", where), f"{where}.channels")  # one per stage
     cells = config.integer(config.required(cfg, "cells_per_stage", where), f"{where}.cells_per_stage", minimum=1)
     nodes = config.integer(config.required(cfg, "nodes", where), f"{where}.nodes", minimum=2)
@@ -185,7 +181,7 @@ class NB201Supernet(TopologySupernet):
     def __init__(self, space: NB201Space):
         super().__init__(space)
         channels, edges, ops = space.channels, space.edges, space.ops
-        self.stem = Stem(space.in_channels, channels[0])
+        self.stem = stem(space.in_channels, channels[0])
         layers: list[nn.Module] = []
         self._layer_kinds: list[tuple[str, int, int]] = []  # (kind, C_in, C_out)
         c_prev = channels[0]
@@ -201,9 +197,7 @@ class NB201Supernet(TopologySupernet):
         self.head = Head(c_prev, space.num_classes)
         # beta of seed 000 eq. 5: rows follow `space.edge_names`, columns `space.ops`. DARTS-style init.
         self.arch_params = nn.Parameter(1e-3 * torch.randn(len(edges), len(ops)))
-        for qualname, module in self.named_modules():
-            if isinstance(module, WeightSlotConv2d):
-                module.slot_name = qualname
+        self.name_conv_slots()
 
     # ---- the topology interface (FocusFair, Kshot-Hypernet) ----------------------------------
     def op_names(self) -> tuple[str, ...]:
@@ -214,10 +208,6 @@ class NB201Supernet(TopologySupernet):
 
     def edge_names(self) -> tuple[str, ...]:
         return self.space.edge_names
-
-    def conv_slots(self) -> dict[str, WeightSlotConv2d]:
-        """Every conv of the supernet by slot name; `module.weight.shape` is what a generator must return."""
-        return {m.slot_name: m for m in self.modules() if isinstance(m, WeightSlotConv2d)}
 
     def active_conv_slots(self, arch: Mapping[str, Any]) -> list[str]:
         """Slot names of the convs the single-path subnet `arch` runs (stem and reductions included)."""
@@ -236,17 +226,17 @@ class NB201Supernet(TopologySupernet):
         step = 2 ** (len(self.space.channels) - 1)
         if x.shape[-1] % step or x.shape[-2] % step:
             raise ValueError(f"nb201: input {tuple(x.shape)}: height and width must be multiples of {step}")
-        weights = self.generated_weights(arch)
-        x = self.stem(x, weights)
+        fetch = self.weight_fetch(arch)
+        x = self.stem(x, weight=fetch(self.stem.conv))
         alphas = self.arch_weights() if arch is None else None
         cell = None if arch is None else self.space.cell_ops(arch)
         for layer in self.cells:
             if not isinstance(layer, SuperCell):
-                x = layer(x, weights)
+                x = layer(x, fetch)
             elif alphas is not None:
-                x = layer.forward_mixture(x, alphas, weights)
+                x = layer.forward_mixture(x, alphas, fetch)
             else:
-                x = layer(x, cell, weights)
+                x = layer(x, cell, fetch)
         return self.head(x)
 
     @torch.no_grad()
@@ -254,20 +244,21 @@ class NB201Supernet(TopologySupernet):
         arch = self.space.validate(arch)
         r = resolution or self.space.resolution
         self.space._check_resolution(r)
-        weights = self.generated_weights(arch)
+        fetch = self.weight_fetch(arch)
         cell = self.space.cell_ops(arch)
         cell_str = self.space.arch_str(arch)
         c = self.space.channels[0]
         shape = (1, self.space.in_channels, r, r)
-        blocks = [Block(f"nb201.stem:{shape[1]}x{r}x{r}->{c}", self.stem.static(weights), shape)]
+        stem = self.stem.static(shape[1], weight=fetch(self.stem.conv))
+        blocks = [Block(f"nb201.stem:{shape[1]}x{r}x{r}->{c}", stem, shape)]
         for layer, (kind, c_in, c_out) in zip(self.cells, self._layer_kinds):
             shape = (1, c_in, r, r)
             if kind == "reduce":
-                blocks.append(Block(f"nb201.reduce:{c_in}x{r}x{r}->{c_out}", layer.static(weights), shape))
+                blocks.append(Block(f"nb201.reduce:{c_in}x{r}x{r}->{c_out}", layer.static(fetch), shape))
                 r //= 2
             else:
                 key = f"nb201.cell:{c_in}x{r}x{r}:{cell_str}"
-                blocks.append(Block(key, layer.static(cell, weights), shape))
+                blocks.append(Block(key, layer.static(cell, fetch), shape))
             c = c_out
         shape = (1, c, r, r)
         blocks.append(Block(f"nb201.head:{c}x{r}x{r}->{self.space.num_classes}", self.head.static(), shape))

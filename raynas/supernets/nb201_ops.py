@@ -4,23 +4,24 @@ The static modules reproduce the benchmark's inference network (`TinyNetwork`, `
 `ReLUConvBN`, `ResNetBasicblock` of NAS-Bench-201 / xautodl) layer for layer, so an extracted
 subnet has exactly the benchmark's parameter count.
 
-Every convolution of the supernet is a `WeightSlotConv2d`: its weight is read through one method,
-`resolve(weights)`, which takes it from a per-forward mapping when one is given. That mapping is
-how a weight generator (the Kshot-Hypernet of seed 000) supplies arch-conditioned conv weights
+Every convolution of the supernet is a shared `DynamicConv2d` (raynas.nn) at one fixed size, initialised
+as nn.Conv2d is, and reads its weight through a `fetch(conv)` callable (raynas.supernets.base): that
+is how a weight generator (the Kshot-Hypernet of seed 000) supplies arch-conditioned conv weights
 without the supernet being rewritten.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raynas.supernets.base import NO_WEIGHTS, slot_weight
+from raynas.nn.dynamic import DynamicConv2d, conv2d_default_init
+from raynas.nn.layers import DynamicConvNormAct
+from raynas.supernets.base import WeightFetch, stored_weight
 
 # Operation names as the benchmark spells them (its arch strings use these), in its canonical order.
 OP_NAMES = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
@@ -29,54 +30,23 @@ CONV_KERNELS = {"nor_conv_1x1": 1, "nor_conv_3x3": 3}
 OP_COST_RANK = ("none", "skip_connect", "avg_pool_3x3", "nor_conv_1x1", "nor_conv_3x3")
 
 
-class WeightSlotConv2d(nn.Module):
-    """Bias-free conv whose weight may be supplied per forward (by name) instead of the stored one.
-
-    `slot_name` is the module's qualified name inside the supernet; the supernet sets it, and a weight
-    generator returns {slot_name: tensor of `weight.shape`}.
-    """
+class ReLUConvBN(DynamicConvNormAct):
+    """The benchmark's `nor_conv` op: ReLU -> Conv (no bias) -> BatchNorm (affine, tracked stats), i.e. the
+    shared conv-norm unit at its one size, pre-activated."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1):
-        super().__init__()
-        self.c_in, self.c_out, self.kernel, self.stride = c_in, c_out, kernel, stride
-        self.padding = (kernel - 1) // 2
-        self.weight = nn.Parameter(torch.empty(c_out, c_in, kernel, kernel))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's default, as the benchmark trained
-        self.slot_name = ""
+        super().__init__(c_in, c_out, kernel, stride, init=conv2d_default_init)  # as the benchmark trained
 
-    def resolve(self, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
-        return slot_weight(weights, self.slot_name, self.weight)
+    def forward(self, x: torch.Tensor, fetch: WeightFetch = stored_weight) -> torch.Tensor:
+        return super().forward(F.relu(x), weight=fetch(self.conv))
 
-    def forward(self, x: torch.Tensor, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
-        return F.conv2d(x, self.resolve(weights), None, self.stride, self.padding)
-
-    @torch.no_grad()
-    def static(self, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> nn.Conv2d:
-        conv = nn.Conv2d(self.c_in, self.c_out, self.kernel, self.stride, self.padding, bias=False)
-        conv.weight.copy_(self.resolve(weights))
-        return conv
-
-    def extra_repr(self) -> str:
-        return f"{self.c_in}, {self.c_out}, kernel_size={self.kernel}, stride={self.stride}"
+    def static(self, fetch: WeightFetch = stored_weight) -> nn.Sequential:
+        return nn.Sequential(nn.ReLU(), *super().static(self.conv.max_in, weight=fetch(self.conv)))
 
 
-def _copy_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    return copy.deepcopy(bn)
-
-
-class ReLUConvBN(nn.Module):
-    """The benchmark's `nor_conv` op: ReLU -> Conv (no bias) -> BatchNorm (affine, tracked stats)."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1):
-        super().__init__()
-        self.conv = WeightSlotConv2d(c_in, c_out, kernel, stride)
-        self.bn = nn.BatchNorm2d(c_out)
-
-    def forward(self, x: torch.Tensor, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
-        return self.bn(self.conv(F.relu(x), weights))
-
-    def static(self, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> nn.Sequential:
-        return nn.Sequential(nn.ReLU(), self.conv.static(weights), _copy_bn(self.bn))
+def stem(c_in: int, c_out: int) -> DynamicConvNormAct:
+    """Conv3x3 (no bias) -> BN, the benchmark's stem."""
+    return DynamicConvNormAct(c_in, c_out, 3, init=conv2d_default_init)
 
 
 class Zero(nn.Module):
@@ -116,9 +86,9 @@ class SuperCell(nn.Module):
                     candidates[op] = nn.Identity()
             self.edges.append(candidates)
 
-    def _run(self, e: int, op: str, x: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _run(self, e: int, op: str, x: torch.Tensor, fetch: WeightFetch) -> torch.Tensor:
         module = self.edges[e][op]
-        return module(x, weights) if isinstance(module, ReLUConvBN) else module(x)
+        return module(x, fetch) if isinstance(module, ReLUConvBN) else module(x)
 
     def _cell(self, x: torch.Tensor, edge_out) -> torch.Tensor:
         """Node j sums its incoming edges in ascending source order (as the static cell does)."""
@@ -134,12 +104,12 @@ class SuperCell(nn.Module):
             nodes.append(torch.zeros_like(x) if total is None else total)
         return nodes[-1]
 
-    def forward(self, x: torch.Tensor, ops: Sequence[str], weights: Mapping[str, torch.Tensor] = NO_WEIGHTS):
+    def forward(self, x: torch.Tensor, ops: Sequence[str], fetch: WeightFetch = stored_weight):
         """Single path: `ops[e]` is the op of edge e."""
-        return self._cell(x, lambda e, h: None if ops[e] == "none" else self._run(e, ops[e], h, weights))
+        return self._cell(x, lambda e, h: None if ops[e] == "none" else self._run(e, ops[e], h, fetch))
 
     def forward_mixture(self, x: torch.Tensor, alphas: torch.Tensor,
-                        weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
+                        fetch: WeightFetch = stored_weight) -> torch.Tensor:
         """DARTS mixture: edge e outputs sum_o alphas[e, o] * op_o(x) (seed 000, eq. 5)."""
 
         def mixed(e: int, h: torch.Tensor) -> torch.Tensor | None:
@@ -147,19 +117,19 @@ class SuperCell(nn.Module):
             for o, op in enumerate(self.ops):
                 if op == "none":
                     continue
-                y = alphas[e, o] * self._run(e, op, h, weights)
+                y = alphas[e, o] * self._run(e, op, h, fetch)
                 total = y if total is None else total + y
             return total
 
         return self._cell(x, mixed)
 
-    def static(self, ops: Sequence[str], weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> InferCell:
+    def static(self, ops: Sequence[str], fetch: WeightFetch = stored_weight) -> InferCell:
         layers = []
         for e, op in enumerate(ops):
             if op == "none":
                 layers.append(Zero())
             elif op in CONV_KERNELS:
-                layers.append(self.edges[e][op].static(weights))
+                layers.append(self.edges[e][op].static(fetch))
             elif op == "avg_pool_3x3":
                 layers.append(avg_pool_3x3())
             else:
@@ -202,15 +172,16 @@ class ResNetReduction(nn.Module):
         super().__init__()
         self.conv_a = ReLUConvBN(c_in, c_out, 3, stride=2)
         self.conv_b = ReLUConvBN(c_out, c_out, 3)
-        self.shortcut = WeightSlotConv2d(c_in, c_out, 1)
+        self.shortcut = DynamicConv2d(c_in, c_out, 1, init=conv2d_default_init)
 
-    def forward(self, x: torch.Tensor, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
-        residual = self.shortcut(F.avg_pool2d(x, 2, 2), weights)
-        return residual + self.conv_b(self.conv_a(x, weights), weights)
+    def forward(self, x: torch.Tensor, fetch: WeightFetch = stored_weight) -> torch.Tensor:
+        residual = self.shortcut(F.avg_pool2d(x, 2, 2), weight=fetch(self.shortcut))
+        return residual + self.conv_b(self.conv_a(x, fetch), fetch)
 
-    def static(self, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> ResNetBasicBlock:
-        downsample = nn.Sequential(nn.AvgPool2d(2, 2), self.shortcut.static(weights))
-        return ResNetBasicBlock(self.conv_a.static(weights), self.conv_b.static(weights), downsample)
+    def static(self, fetch: WeightFetch = stored_weight) -> ResNetBasicBlock:
+        downsample = nn.Sequential(nn.AvgPool2d(2, 2), self.shortcut.static(self.shortcut.max_in,
+                                                                            weight=fetch(self.shortcut)))
+        return ResNetBasicBlock(self.conv_a.static(fetch), self.conv_b.static(fetch), downsample)
 
 
 class ResNetBasicBlock(nn.Module):
@@ -222,21 +193,6 @@ class ResNetBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.downsample(x) + self.conv_b(self.conv_a(x))
-
-
-class Stem(nn.Module):
-    """Conv3x3 (no bias) -> BN, the benchmark's stem."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.conv = WeightSlotConv2d(c_in, c_out, 3)
-        self.bn = nn.BatchNorm2d(c_out)
-
-    def forward(self, x: torch.Tensor, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> torch.Tensor:
-        return self.bn(self.conv(x, weights))
-
-    def static(self, weights: Mapping[str, torch.Tensor] = NO_WEIGHTS) -> nn.Sequential:
-        return nn.Sequential(self.conv.static(weights), _copy_bn(self.bn))
 
 
 class Head(nn.Module):
@@ -253,5 +209,5 @@ class Head(nn.Module):
 
     @torch.no_grad()
     def static(self) -> nn.Sequential:
-        return nn.Sequential(_copy_bn(self.bn), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+        return nn.Sequential(copy.deepcopy(self.bn), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
                              copy.deepcopy(self.classifier))

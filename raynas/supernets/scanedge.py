@@ -31,7 +31,6 @@ from torch import nn
 from raynas import config as c
 from raynas.nn.layers import conv_out_size
 from raynas.space import Arch, SearchSpace
-from raynas.space.loader import COMMON_KEYS
 from raynas.space.space import Dim
 from raynas.supernets.base import Block, StageSpec, Supernet, declared_fields
 from raynas.supernets.scanedge_blocks import (
@@ -238,9 +237,7 @@ def _dims(spec: ScanEdgeSpec) -> list[Dim]:
 
 
 def build_space(cfg: dict) -> ScanEdgeSpace:
-    name = cfg["name"]
-    where = f"space {name}"
-    c.check_known(cfg, COMMON_KEYS + FAMILY_KEYS, where)
+    where = f"space {cfg['name']}"
     spec = parse_spec(cfg, where)
     space = ScanEdgeSpace(dims=tuple(_dims(spec)), **declared_fields(cfg))
     space.spec = spec

@@ -26,6 +26,7 @@ activations, pooling, interpolation or elementwise ops.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import torch
@@ -34,7 +35,17 @@ from timm.layers import LayerScale2d
 from torch import nn
 
 from raynas.nn.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear
-from raynas.nn.layers import DynamicConvNormAct, act_fn, act_layer, add_costs, conv_cost, conv_out_size
+from raynas.nn.layers import (
+    ClassifierHead,
+    DynamicConvNormAct,
+    act_fn,
+    act_layer,
+    add_costs,
+    classify,
+    conv_cost,
+    conv_out_size,
+    spatial_mean,
+)
 
 Shape = tuple[int, int, int]  # (C, H, W) at batch 1
 
@@ -334,7 +345,7 @@ class DynamicMHSA(nn.Module):
             "stride_conv": self.stride_conv.static(dim) if self.stride_conv is not None else None,
             "q": self.q.static(dim), "k": self.k.static(dim), "v": self.v.static(dim, v_ch),
             "v_local": self.v_local.static(v_ch), "proj": self.proj.static(v_ch, dim),
-            "talking_head1": _copy_conv(self.talking_head1), "talking_head2": _copy_conv(self.talking_head2),
+            "talking_head1": copy.deepcopy(self.talking_head1), "talking_head2": copy.deepcopy(self.talking_head2),
         }
         table_hw = active_table_hw(self.attention_biases, grid)
         attn = Attention4d(parts, _bias_table(self.attention_biases, grid),
@@ -467,32 +478,7 @@ class DynamicAttentionEmbedding(nn.Module):
         )
 
 
-def _copy_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    bias=conv.bias is not None)
-    new.load_state_dict(conv.state_dict())
-    return new
-
-
 # ---- head ----------------------------------------------------------------------------------------
-def classify(x: torch.Tensor, norm: nn.Module, fc: nn.Module, fc_dist: nn.Module | None) -> torch.Tensor:
-    """Norm, global average pool, linear; with a distillation linear the two are averaged (timm). The
-    dynamic head and its static twin both run this."""
-    x = norm(x).mean(dim=(2, 3))
-    return fc(x) if fc_dist is None else (fc(x) + fc_dist(x)) / 2
-
-
-class ClassifierHead(nn.Module):
-    """BatchNorm, global average pool, linear; with a distillation linear the two are averaged (timm)."""
-
-    def __init__(self, norm: nn.Module, fc: nn.Linear, fc_dist: nn.Linear | None):
-        super().__init__()
-        self.norm, self.fc, self.fc_dist = norm, fc, fc_dist
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return classify(x, self.norm, self.fc, self.fc_dist)
-
-
 class DynamicHead(nn.Module):
     """The classifier head, elastic in its input width."""
 
@@ -504,11 +490,11 @@ class DynamicHead(nn.Module):
         self.fc_dist = DynamicLinear(max_dim, num_classes) if distillation else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return classify(x, self.norm, self.fc, self.fc_dist)
+        return classify(x, self.norm, spatial_mean, self.fc, self.fc_dist)
 
     def static(self, shape: Shape) -> nn.Module:
         dim = shape[0]
-        return ClassifierHead(self.norm.static(dim), self.fc.static(dim),
+        return ClassifierHead(self.norm.static(dim), spatial_mean, self.fc.static(dim),
                               self.fc_dist.static(dim) if self.fc_dist is not None else None)
 
     def out_shape(self, shape: Shape) -> tuple[int]:

@@ -12,15 +12,16 @@ Arch fields: `stage{s}.channels`, `stage{s}.depth`, `stage{s}.b{i}.op`, `stage{s
 The supernet holds separate weights per op at every block position (ops are distinct candidates
 of a topology space), each weight-entangled across channels, kernels and expansion. `forward(x, None)`
 is the seed's teacher: every block position mixes all ops with softmax(`arch_params`) (DARTS eq. 5)
-at the largest size choices. Every conv weight is read through `slot_weight(generated, slot, stored)`, so a
+at the largest size choices. Every conv weight is read through `weight_fetch(arch)`, so a
 hypernetwork (Kshot-Hypernet) set with `set_weight_generator` can supply any of them; the contract is
 the one of the `nb201` supernet (generator(arch) -> {conv slot name: full-size weight}).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from raynas import config as c
-from raynas.nn.dynamic import DynamicConv2d, make_divisible
+from raynas.nn.dynamic import make_divisible
 from raynas.nn.layers import DynamicConvNormAct, act_fn, act_layer
 from raynas.space import Arch, Dim, SearchSpace, SpaceError
-from raynas.space.loader import COMMON_KEYS
-from raynas.supernets.base import Block, StageSpec, TopologySupernet, WeightGenerator, declared_fields, slot_weight
+from raynas.supernets.base import Block, StageSpec, TopologySupernet, WeightGenerator, declared_fields
 from raynas.supernets.uib_blocks import (
     ACTIVATIONS,
     OP_NAMES,
     ElasticUIB,
-    StaticHead,
     op_has_mid_dw,
     op_has_start_dw,
     unit_cost,
@@ -75,7 +74,6 @@ def _parse_stage(cfg: Mapping[str, Any], where: str) -> StageSpec:
 
 
 def parse_spec(cfg: Mapping[str, Any], where: str) -> UIBSpec:
-    c.check_known(cfg, (*COMMON_KEYS, *FAMILY_KEYS), where)
     ws, wh = f"{where}.stem", f"{where}.head"
     stem = c.mapping(c.required(cfg, "stem", where), ws)
     c.check_known(stem, ("channels", "kernel", "stride"), ws)
@@ -290,13 +288,7 @@ class UIBSupernet(TopologySupernet):
         self.classifier = nn.Linear(spec.head_hidden, space.num_classes)
         # DARTS-style architecture parameters beta: one row per block position, one column per op.
         self.arch_params = nn.Parameter(torch.zeros(len(space.topology_dims), len(spec.ops)))
-        # Slot name (qualified name) of every conv, for the weight-generator hook; a plain dict so
-        # nothing is registered twice.
-        self._convs: dict[str, DynamicConv2d] = {}
-        for qualname, module in self.named_modules():
-            if isinstance(module, DynamicConv2d):
-                module.slot_name = qualname
-                self._convs[qualname] = module
+        self.name_conv_slots()
         if weight_generator is not None:
             self.set_weight_generator(weight_generator)
 
@@ -307,17 +299,10 @@ class UIBSupernet(TopologySupernet):
     def topology_dims(self) -> tuple[str, ...]:
         return self.space.topology_dims
 
-    def conv_slots(self) -> dict[str, DynamicConv2d]:
-        return dict(self._convs)
-
     def active_conv_slots(self, arch: Mapping[str, Any]) -> list[str]:
         """Slot names of the convs the single-path subnet `arch` runs (stem and head included)."""
         prefixes = tuple(f"stages.{b.stage}.{b.index}.{b.op}." for b in self.active_blocks(self.as_arch(arch)))
         return [n for n in self._convs if not n.startswith("stages.") or n.startswith(prefixes)]
-
-    def _fetch(self, arch: Arch | None) -> Callable[[DynamicConv2d], torch.Tensor]:
-        generated = self.generated_weights(arch)
-        return lambda conv: slot_weight(generated, conv.slot_name, conv.weight)
 
     # ---- arch -> active blocks -------------------------------------------------------------------
     def active_blocks(self, arch: Arch) -> list[BlockChoice]:
@@ -334,7 +319,7 @@ class UIBSupernet(TopologySupernet):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
         arch = self.as_arch(arch)
-        fetch = self._fetch(arch)
+        fetch = self.weight_fetch(arch)
         x = self.stem(x, self.spec.stem_channels, self.spec.stem_kernel, weight=fetch(self.stem.conv))
         if arch is None:
             x = self._mixture(x, fetch)
@@ -368,7 +353,7 @@ class UIBSupernet(TopologySupernet):
     @torch.no_grad()
     def blocks(self, arch: Mapping[str, Any], resolution: int | None = None) -> list[Block]:
         arch = self.space.validate(arch)
-        fetch = self._fetch(arch)
+        fetch = self.weight_fetch(arch)
         _, c, h, w = self.input_shape(1, resolution)
         spec = self.spec
         pieces = [Block(
@@ -384,10 +369,11 @@ class UIBSupernet(TopologySupernet):
             pieces.append(Block(key, block.static(c, b.out_ch, mid, b.k1, b.k2, fetch), (1, c, h, w)))
             _, _, h, w = block.cost(c, b.out_ch, mid, b.k1, b.k2, h, w)
             c = b.out_ch
-        head = StaticHead(
+        # MobileNetV3's head: 1x1 conv + BN + act -> global pool -> linear + act -> dropout -> classifier
+        head = nn.Sequential(
             self.head_conv.static(c, spec.head_channels, 1, weight=fetch(self.head_conv.conv)),
-            _copy_linear(self.head_fc), act_layer(spec.head_activation), spec.head_dropout,
-            _copy_linear(self.classifier))
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(1), copy.deepcopy(self.head_fc), act_layer(spec.head_activation),
+            nn.Dropout(spec.head_dropout), copy.deepcopy(self.classifier))
         key = (f"uib.head:{spec.head_activation}:{c}x{h}x{w}->{spec.head_channels}->{spec.head_hidden}"
                f"->{self.space.num_classes}")
         pieces.append(Block(key, head, (1, c, h, w)))
@@ -409,13 +395,6 @@ class UIBSupernet(TopologySupernet):
         params += p + fc + spec.head_hidden + self.space.num_classes
         macs += m + fc
         return {"params": int(params), "macs": int(macs)}
-
-
-@torch.no_grad()
-def _copy_linear(layer: nn.Linear) -> nn.Linear:
-    out = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=layer.bias is not None)
-    out.load_state_dict(layer.state_dict())
-    return out
 
 
 def build_supernet(space: UIBSpace, **kwargs: Any) -> UIBSupernet:

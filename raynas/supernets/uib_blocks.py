@@ -21,26 +21,16 @@ the stored parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from raynas.nn.dynamic import DynamicConv2d
 from raynas.nn.layers import DynamicConvNormAct
+from raynas.supernets.base import WeightFetch, stored_weight
 
 # Index order is size order (cheapest first): min_arch / max_arch and the integer encoding rely on it.
 OP_NAMES = ("ffn", "convnext", "ib", "extra_dw")
 
 ACTIVATIONS = ("relu", "relu6", "hardswish")  # the activations a UIB space may declare
-
-# (conv module) -> its full-size weight, either the stored parameter or a generated tensor
-WeightFetch = Callable[[DynamicConv2d], torch.Tensor]
-
-
-def stored_weight(conv: DynamicConv2d) -> torch.Tensor:
-    return conv.weight
-
 
 def op_has_start_dw(op: str) -> bool:
     return op in ("extra_dw", "convnext")
@@ -121,20 +111,3 @@ class StaticUIB(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
         return x + y if self.residual else y
-
-
-class StaticHead(nn.Module):
-    """MobileNetV3 head: 1x1 conv + BN + act -> global pool -> linear + act -> dropout -> classifier."""
-
-    def __init__(self, conv: nn.Sequential, fc: nn.Linear, act: nn.Module, dropout: float, classifier: nn.Linear):
-        super().__init__()
-        self.conv = conv
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = fc
-        self.act = act
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.conv(x)).flatten(1)
-        return self.classifier(self.dropout(self.act(self.fc(x))))

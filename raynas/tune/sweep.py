@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -40,8 +41,8 @@ def _distribution(spec: dict):
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars -> Python, so YAML and Parquet get plain values."""
-    return value.item() if hasattr(value, "item") else value
+    """numpy scalars (Optuna's samples, metrics computed with numpy) -> Python, so YAML gets plain values."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _tuner(sweep: dict[str, Any]):

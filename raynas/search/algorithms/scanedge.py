@@ -37,7 +37,6 @@ class ScanEdgeSearch(SearchAlgorithm):
         self.predictor: AccuracyPredictor | None = None
         self.rng = ctx.rng(4)
         self.seen: set[Arch] = set()
-        self.space_updates = 0
 
     def sample_from_probs(self) -> Arch:
         space = self.ctx.space
@@ -93,4 +92,3 @@ class ScanEdgeSearch(SearchAlgorithm):
         for j, d in enumerate(self.ctx.space.dims):
             freq = np.bincount([d.index(a[d.name]) for a in top], minlength=d.size) / len(top)
             self.probs[j] = self.momentum * self.probs[j] + (1 - self.momentum) * freq
-        self.space_updates += 1

@@ -6,13 +6,13 @@ import json
 
 
 def cmd_pipeline(args) -> None:
-    from raynas.pipeline.hw_nas import load_pipeline_config, run_pipeline
+    from raynas.end_to_end.hw_nas import load_pipeline_config, run_pipeline
 
     print(json.dumps(run_pipeline(load_pipeline_config(args.config, args.run_dir)), default=str))
 
 
 def cmd_demo(args) -> None:
-    from raynas.pipeline.hw_nas import DEMO_CONFIG, load_pipeline_config, run_pipeline
+    from raynas.end_to_end.hw_nas import DEMO_CONFIG, load_pipeline_config, run_pipeline
 
     print(json.dumps(run_pipeline(load_pipeline_config(DEMO_CONFIG, args.run_dir)), default=str))
 

@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint": None,   # a trained supernet: skips the train stage
     "train": None,        # a `raynas train` config (inline); its storage_path/name default into run_dir
     "profile": {"device": "local-cpu", "devices_file": None, "lut": None, "calibration_n": 10, "max_archs": 3000,
-                "patience": 300},
+                "patience": 300, "method": "isolated", "appearances": 2},
     "search": {},         # a `raynas search` config without checkpoint/run_dir/latency.lut (filled in here)
 }
 
@@ -46,12 +46,14 @@ def log(msg: str) -> None:
 
 
 def _profile_section(cfg: dict[str, Any]) -> dict[str, Any]:
-    from raynas.hw.devices import get_device
+    from raynas.hw.devices import LUT_METHODS, get_device
 
     p = c.section(cfg, "profile", DEFAULTS["profile"])
     c.integer(p["calibration_n"], "profile.calibration_n", 2)
     c.integer(p["max_archs"], "profile.max_archs", 1)
     c.integer(p["patience"], "profile.patience", 1)
+    c.choice(p["method"], "profile.method", LUT_METHODS)
+    c.integer(p["appearances"], "profile.appearances", 1)
     p["lut"] = c.location(p["lut"], "profile.lut", optional=True)
     p["devices_file"] = c.location(p["devices_file"], "profile.devices_file", optional=True)
     get_device(c.string(p["device"], "profile.device"), p["devices_file"], "profile.device")
@@ -102,7 +104,8 @@ def validate_pipeline_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def profile_device(supernet, device: str, lut: str, calibration_n: int, devices_file: str | None,
-                   max_archs: int, patience: int, owned: bool = False) -> dict[str, Any]:
+                   max_archs: int, patience: int, owned: bool = False, method: str = "isolated",
+                   appearances: int = 2) -> dict[str, Any]:
     """Build (or extend) the block LUT of `supernet`'s space on `device` and calibrate it end to end.
 
     `lut` is a location (path or URI); blocks and a calibration already stored there are reused.
@@ -123,7 +126,7 @@ def profile_device(supernet, device: str, lut: str, calibration_n: int, devices_
     try:
         # `out`: measured blocks are stored as the build goes, so a killed pipeline's re-run measures the rest only.
         rows, new_meta = build_lut(supernet, [profiler], existing, meta, max_archs=max_archs, patience=patience,
-                                   out=lut)
+                                   out=lut, method=method, appearances=appearances)
         group = new_meta[key.id]
         log(f"2/4 profile: LUT complete: {group['measured']} blocks measured, {group['reused']} reused")
         calibration = calibration_path(lut)
@@ -214,7 +217,8 @@ def run_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.time()
     p = cfg["profile"]
     summary.update(profile_device(supernet, p["device"], cfg["search"]["latency"]["lut"], p["calibration_n"],
-                                  p["devices_file"], p["max_archs"], p["patience"], owned=p["lut"] is None))
+                                  p["devices_file"], p["max_archs"], p["patience"], owned=p["lut"] is None,
+                                  method=p["method"], appearances=p["appearances"]))
     summary["profile_s"] = round(time.time() - t0, 1)
 
     log("3/4 search + 4/4 export and report")

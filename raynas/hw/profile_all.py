@@ -52,7 +52,7 @@ def devices_to_profile(devices_file: str | Path | None = None, only: Sequence[st
 def profile_devices(spaces: Sequence[str], out_dir: str | os.PathLike, devices: Sequence[DeviceSpec],
                     resolution: int | None = None, calibration_n: int = 10, validate_n: int = 0,
                     seed: int = 0, patience: int = 300, max_archs: int = 3000, passes: int = 1,
-                    show_progress: bool = True) -> dict[str, Any]:
+                    show_progress: bool = True, method: str = "isolated") -> dict[str, Any]:
     from raynas.space import load_space
     from raynas.supernets import build_supernet
 
@@ -67,7 +67,8 @@ def profile_devices(spaces: Sequence[str], out_dir: str | os.PathLike, devices: 
             print(f"[profile] {supernet.space.name}: LUT on {summary['devices']}", file=sys.stderr)
             existing, existing_meta = read_lut(lut_path, "--out")
             rows, meta = build_lut(supernet, profilers, existing, existing_meta, seed=seed, max_archs=max_archs,
-                                   patience=patience, passes=passes, show_progress=show_progress, out=lut_path)
+                                   patience=patience, passes=passes, show_progress=show_progress, out=lut_path,
+                                   method=method)
             keys = {p.device.name: TableKey.of(supernet, p.device) for p in profilers}
             tables = {n: select(rows, k) for n, k in keys.items()}
             # A stored calibration is kept when it used enough subnets and its table has not changed since.
