@@ -236,6 +236,14 @@ def device_nodes() -> dict[str, dict[str, float]]:
     return dict(sorted(found.items()))
 
 
+def labelled_nodes(name: str) -> list[str]:
+    """Ids of the alive nodes labelled device=<name> (the boards of that kind), sorted."""
+    import ray
+
+    return sorted(node["NodeID"] for node in ray.nodes()
+                  if node.get("Alive") and (node.get("Labels") or {}).get(LABEL_KEY) == name)
+
+
 def devices_present() -> dict[str, float]:
     """Devices of the connected Ray cluster, by label or by resource: name -> labelled nodes + resource units."""
     return {name: entry["label"] + entry["resource"] for name, entry in device_nodes().items()}

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import ActorAlreadyExistsError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raynas.hw.devices import DeviceNotPresent, DeviceSpec, ensure_device_present
+from raynas.hw.devices import DeviceNotPresent, DeviceSpec, ensure_device_present, labelled_nodes
 from raynas.hw.measure import ReferenceClock, block_times, measure_onnx, node_times
 
 
@@ -94,8 +95,8 @@ _RemoteProfiler = ray.remote(DeviceProfiler)
 PROFILER_NAMESPACE = "raynas"
 
 
-def profiler_name(device: str) -> str:
-    return f"profiler:{device}"
+def profiler_name(device: str, node_id: str | None = None) -> str:
+    return f"profiler:{device}" if node_id is None else f"profiler:{device}@{node_id}"
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Profiler:
     actor: Any
     node: dict[str, Any]
     replaced: int = 0  # actors started in place of one that died
+    pinned_node: str | None = None  # one of several boards of the device: this node, always
 
     def submit(self, items: list[tuple[str, Any, tuple[int, ...]]], per_block: bool = False) -> MeasureCall:
         """Start timing `(tag, onnx_bytes or its object ref, input_shape)` items; `collect` the result."""
@@ -143,7 +145,7 @@ class Profiler:
         not restart it: it may have died with its board), and the new one takes over its name, the device's
         lock, as soon as Ray has seen the old one die (`start_profiler` waits for that)."""
         ray.kill(self.actor, no_restart=True)  # a no-op on a dead actor; ends one that only stopped answering
-        fresh = start_profiler(self.device)
+        fresh = start_profiler(self.device, node_id=self.pinned_node)
         self.actor, self.node = fresh.actor, fresh.node
         self.replaced += 1
 
@@ -153,14 +155,32 @@ class Profiler:
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
             try:
-                ray.get_actor(profiler_name(self.device.name), namespace=PROFILER_NAMESPACE)
+                ray.get_actor(profiler_name(self.device.name, self.pinned_node), namespace=PROFILER_NAMESPACE)
             except ValueError:
                 return
             time.sleep(0.05)
 
 
-def start_profiler(device: DeviceSpec, ready_timeout_s: float = 120.0) -> Profiler:
-    """A profiler actor on the device's node (label `device=<name>`, else resource `device:<name>`), ready.
+def start_profilers(device: DeviceSpec) -> list[Profiler]:
+    """A profiler on every board of the device (each node labelled `device=<name>`), to measure in parallel;
+    one, placed as `start_profiler` places it, when the device has a single node (or only its resource)."""
+    nodes = labelled_nodes(device.name)
+    if len(nodes) <= 1:
+        return [start_profiler(device)]
+    profilers: list[Profiler] = []
+    try:
+        for node_id in nodes:
+            profilers.append(start_profiler(device, node_id=node_id))
+    except BaseException:
+        for p in profilers:
+            p.stop()
+        raise
+    return profilers
+
+
+def start_profiler(device: DeviceSpec, ready_timeout_s: float = 120.0, node_id: str | None = None) -> Profiler:
+    """A profiler actor on the device's node (label `device=<name>`, else resource `device:<name>`), ready;
+    with `node_id`, on that node (one of several boards of the device, see `start_profilers`).
 
     Fails within seconds with `DeviceNotPresent` when no node is the device, instead of leaving an actor
     pending forever. `ready_timeout_s` bounds the wait for the device to be free (another driver measuring
@@ -173,7 +193,10 @@ def start_profiler(device: DeviceSpec, ready_timeout_s: float = 120.0) -> Profil
     # profiler of the device waits here until the first is stopped or its driver exits (Ray frees the name
     # when the actor dies). One mechanism for labelled and resource-only boards; the resource fallback is
     # consumed as well. num_cpus=0: a board may offer fewer Ray CPUs (often 0) than the runtime's threads.
-    name = profiler_name(device.name)
+    # A board among several has its own lock (its node id in the name) and is reached by node affinity.
+    name = profiler_name(device.name, node_id)
+    if node_id is not None:
+        options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
     deadline = time.monotonic() + ready_timeout_s
     while True:
         try:
@@ -191,7 +214,7 @@ def start_profiler(device: DeviceSpec, ready_timeout_s: float = 120.0) -> Profil
     ready, _ = ray.wait([node_ref], timeout=max(deadline - time.monotonic(), 10.0))
     if not ready:
         ray.kill(actor)
-        how = f"label {device.label}" if "label_selector" in options else f"resource {device.resource}"
+        how = f"resource {device.resource}" if "resources" in options else f"label {device.label}"
         raise DeviceNotPresent(f"device '{device.name}': its profiler did not start within {ready_timeout_s:.0f} s "
                                f"(did the node with {how} leave the cluster?)")
-    return Profiler(device, actor, ray.get(node_ref))
+    return Profiler(device, actor, ray.get(node_ref), pinned_node=node_id)

@@ -12,7 +12,8 @@ from raynas.search.algorithms import algorithm_class
 
 ALGORITHMS = tuple(ALGORITHM_REGISTRY.names())
 OBJECTIVES = ("accuracy", "latency_ms", "params", "macs")
-LATENCY_MODELS = MODEL_KINDS
+LIVE = "live"  # no model: every candidate measured on the device (raynas.search.live)
+LATENCY_MODELS = (*MODEL_KINDS, LIVE)
 
 # Every algorithm setting a user may set, with its range: (kind, low, high); None = unbounded.
 PARAM_RANGES: dict[str, tuple[str, float | None, float | None]] = {
@@ -74,10 +75,11 @@ def latency_device(lat: dict[str, Any], where: str = "latency") -> None:
     get_device(c.string(lat["device"], f"{where}.device"), lat["devices_file"], f"{where}.device")
 
 
-def latency_section(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """The `latency:` section (model kind, LUT, device); shared with the pair search."""
+def latency_section(cfg: Mapping[str, Any], defaults: Mapping[str, Any],
+                    allowed: tuple[str, ...] = MODEL_KINDS) -> dict[str, Any]:
+    """The `latency:` section (model kind of `allowed`, LUT, device); shared with the pair search."""
     lat = c.section(cfg, "latency", defaults)
-    c.choice(lat["model"], "latency.model", LATENCY_MODELS)
+    c.choice(lat["model"], "latency.model", allowed)
     lat["lut"] = c.location(lat["lut"], "latency.lut", optional=True)
     latency_device(lat)
     return lat
@@ -112,7 +114,7 @@ def validate_search_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(ev["device"], str) or not (ev["device"] == "cpu" or ev["device"].startswith("cuda")):
         c.fail("evaluator.device", f"{ev['device']!r} is not allowed", "cpu, cuda, cuda:N")
 
-    out["latency"] = latency_section(cfg, DEFAULTS["latency"])
+    out["latency"] = latency_section(cfg, DEFAULTS["latency"], LATENCY_MODELS)
     out["search"] = search_section(cfg, DEFAULTS["search"], OBJECTIVES)
 
     cons = out["constraints"] = c.section(cfg, "constraints", DEFAULTS["constraints"])

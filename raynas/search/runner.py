@@ -25,8 +25,10 @@ import yaml
 from raynas import storage
 from raynas.errors import ConfigError
 from raynas.search.algorithms import Constraints, SearchContext, build_algorithm
+from raynas.search.config import LIVE
 from raynas.search.driver import estimate_fn, run_search
 from raynas.search.evaluator import EvaluatorConfig, make_evaluator_pool, pool_evaluator
+from raynas.search.live import LiveLatency
 from raynas.search.pareto import pareto_front
 from raynas.search.results import ResultStore, part_files
 from raynas.space import Arch
@@ -54,15 +56,18 @@ class SearchOutcome:
     front: list[dict]           # the Pareto front of the feasible ones
     reused: int                 # evaluations already stored when the run started (a resumed search)
     actors_replaced: int        # evaluator actors that died and were replaced
+    profilers_replaced: int = 0  # live latency: profiler actors that died and were replaced
 
 
 def search_front(run_dir: str, ctx: SearchContext, search: dict[str, Any], device: str, resume: bool,
-                 start_pool: Callable[[], Any], evaluator_of: Callable[[Any], Any]) -> SearchOutcome:
+                 start_pool: Callable[[], Any], evaluator_of: Callable[[Any], Any],
+                 live_latency: Callable[[], LiveLatency] | None = None) -> SearchOutcome:
     """Run the configured algorithm (`search` section) with a pool of evaluator actors; every evaluation is
     stored under run_dir/evaluations (a resume answers stored archs from there), then compacted, and the
     feasible Pareto front written to front.parquet. Shared by `raynas search` and the big/little pair search,
     which differ in their space, their evaluator actors (`start_pool`) and what is added to their results
-    (`evaluator_of(pool)`, a `run_search` evaluator)."""
+    (`evaluator_of(pool)`, a `run_search` evaluator). `live_latency()`: the profilers that measure every
+    candidate on the device (`latency.model: live`)."""
     from raynas.hw.devices import init_local_ray
 
     algorithm = build_algorithm(search["algorithm"], ctx, search["budget"], **(search["params"] or {}))
@@ -72,15 +77,28 @@ def search_front(run_dir: str, ctx: SearchContext, search: dict[str, Any], devic
         log(f"[search] resuming: {reused} evaluations already stored in {storage.display(run_dir)}")
     init_local_ray(devices=[device])
     pool = start_pool()
+    live = live_latency() if live_latency is not None else None
     try:
-        asked = run_search(algorithm, evaluator_of(pool), store, progress=log)
+        asked = run_search(algorithm, evaluator_of(pool), store, progress=log, live=live)
     finally:
         pool.shutdown()
+        if live is not None:
+            live.shutdown()
     records = list({r["arch"]: r for r in asked}.values())
     store.compact(storage.join(run_dir, "evaluations.parquet"))
     front = pareto_front([r for r in records if r["feasible"]], ctx.objectives)
     storage.write_pandas(storage.join(run_dir, "front.parquet"), pd.DataFrame(front))
-    return SearchOutcome(algorithm, records, front, reused, pool.replaced)
+    return SearchOutcome(algorithm, records, front, reused, pool.replaced, live.replaced if live else 0)
+
+
+def _live_latency(supernet, lat: dict[str, Any]) -> LiveLatency:
+    from raynas.hw.devices import get_device
+    from raynas.hw.remote import start_profilers
+
+    profilers = start_profilers(get_device(lat["device"], lat["devices_file"]))
+    log(f"[search] live latency: {len(profilers)} profiler(s) on {lat['device']} "
+        f"({', '.join(p.node['hostname'] for p in profilers)})")
+    return LiveLatency(supernet, profilers)
 
 
 def spread_along_front(front: list[dict], k: int) -> list[dict]:
@@ -170,14 +188,18 @@ def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
 
     if not cfg["checkpoint"]:
         raise ConfigError("checkpoint: required (a supernet trained with `raynas train`)")
-    if not cfg["latency"]["lut"]:
-        raise ConfigError("latency.lut: required (build one with `raynas profile lut` and `raynas profile calibrate`)")
+    live = cfg["latency"]["model"] == LIVE
+    if not cfg["latency"]["lut"] and not live:
+        raise ConfigError("latency.lut: required (build one with `raynas profile lut` and `raynas profile calibrate`)"
+                          "; or latency.model: live")
     started = time.time()
     run_dir = prepare_run_dir(cfg, resume)
     supernet = load_supernet(cfg["checkpoint"])
     lat = cfg["latency"]
-    latency_model = load_latency_model(lat["model"], lat["lut"], supernet=supernet, device=lat["device"],
-                                       devices_file=lat["devices_file"])
+    # live: a LUT, when given, still predicts (an estimate before measuring, kept beside the measurement)
+    latency_model = None if live and not lat["lut"] else load_latency_model(
+        "lut" if live else lat["model"], lat["lut"], supernet=supernet, device=lat["device"],
+        devices_file=lat["devices_file"])
     s = cfg["search"]
     ctx = SearchContext(space=supernet.space, estimate=estimate_fn(supernet, latency_model),
                         constraints=Constraints(**cfg["constraints"]), objectives=tuple(s["objectives"]),
@@ -185,13 +207,13 @@ def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     ev = cfg["evaluator"]
     found = search_front(run_dir, ctx, s, lat["device"], resume,
                          lambda: make_evaluator_pool(cfg["checkpoint"], EvaluatorConfig(data=cfg["data"], **ev)),
-                         pool_evaluator)
+                         pool_evaluator, live_latency=(lambda: _live_latency(supernet, lat)) if live else None)
     records, front = found.records, found.front
     chosen = spread_along_front(front, cfg["export"]["top_k"])
     exported = export_and_measure(supernet, chosen, run_dir, lat["device"] if cfg["export"]["measure"] else None,
                                   lat["devices_file"])
     for rec in exported:  # the prediction at the device's speed when it measured (see raynas.hw.measure)
-        if rec.get("measured_reference_ms"):
+        if rec.get("measured_reference_ms") and latency_model is not None:
             rec["predicted_at_measurement_ms"] = latency_model.predict_at(Arch.from_json(rec["arch"]),
                                                                           rec["measured_reference_ms"])
     if exported:
@@ -202,7 +224,8 @@ def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
         "feasible": sum(r["feasible"] for r in records), "front": len(front),
         "best_accuracy": max((r["accuracy"] for r in front), default=float("nan")),
         "latency_model": lat["model"], "device": lat["device"], "actors": ev["num_actors"],
-        "actors_replaced": found.actors_replaced, "wall_s": round(time.time() - started, 1),
+        "actors_replaced": found.actors_replaced, "profilers_replaced": found.profilers_replaced,
+        "wall_s": round(time.time() - started, 1),
     }
     report = write_report(run_dir, summary, records, front, exported)
     log(f"[search] done: {len(records)} evaluations, front of {len(front)}, report {storage.display(report)}")

@@ -7,6 +7,7 @@ search replays them, and every arch already in the result store is answered from
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +29,14 @@ class Constraints:
     max_macs: int | None = None
 
     def violations(self, est: Record) -> list[float]:
-        """Relative violations (<= 0 means satisfied), one per active bound, in a fixed order."""
+        """Relative violations (<= 0 means satisfied), one per active bound, in a fixed order. A value not
+        known yet (NaN: a latency measured live, before its measurement) violates nothing."""
         out = []
         for key, bound in (("latency_ms", self.max_latency_ms), ("params", self.max_params),
                            ("macs", self.max_macs)):
             if bound is not None:
-                out.append(float(est[key]) / float(bound) - 1.0)
+                value = float(est[key])
+                out.append(0.0 if math.isnan(value) else value / float(bound) - 1.0)
         return out
 
     def feasible(self, est: Record) -> bool:
