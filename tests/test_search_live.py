@@ -40,7 +40,7 @@ def board_cluster():
     cluster.shutdown()
 
 
-def _config(tmp_path: Path) -> dict:
+def _config(tmp_path: Path, **latency) -> dict:
     checkpoint = save_supernet(build_supernet(load_space(SPACE_YAML)).eval(), tmp_path / "supernet.pt")
     devices = tmp_path / "devices.yaml"
     devices.write_text(yaml.safe_dump({"protocol": FAST_PROTOCOL,
@@ -48,7 +48,7 @@ def _config(tmp_path: Path) -> dict:
     return validate_search_config({
         "checkpoint": str(checkpoint), "run_dir": str(tmp_path / "search"), "data": {"name": "digits"},
         "evaluator": {"num_actors": 1, "bn_samples": 64, "batch_size": 256},
-        "latency": {"model": "live", "device": "board", "devices_file": str(devices)},
+        "latency": {"model": "live", "device": "board", "devices_file": str(devices), **latency},
         "search": {"algorithm": "nsga2", "budget": 12, "seed": 0, "params": {"population": 4}},
         "constraints": {"max_latency_ms": 1000.0},
         "export": {"top_k": 1, "measure": False},
@@ -98,3 +98,43 @@ def test_live_search_measures_every_candidate_on_the_board_and_resumes_without_m
     assert sorted((run_dir / "evaluations").glob("part-*.parquet")) == parts
     resumed = pd.read_parquet(run_dir / "evaluations.parquet").set_index("arch")
     assert resumed.loc[rows["arch"], "latency_ms"].tolist() == rows["latency_ms"].tolist()
+
+
+def test_lut_search_corrected_live_ends_with_a_measured_front(board_cluster, tmp_path):
+    """`latency.model: lut` on a device that is a node of its own: corrected live by default. Each generation
+    the unmeasured front members are measured on the board and the calibration refit; the final front is
+    all measured; the report shows predicted vs measured; a resume measures nothing again."""
+    from raynas.end_to_end.hw_nas import profile_device
+    from raynas.search.runner import run_search_job
+    from raynas.supernets.checkpoint import load_supernet
+
+    live_cfg = _config(tmp_path)
+    lut = tmp_path / "lut.parquet"
+    profile_device(load_supernet(live_cfg["checkpoint"]), "board", str(lut), calibration_n=4,
+                   devices_file=live_cfg["latency"]["devices_file"], max_archs=3000, patience=300)
+    cfg = validate_search_config({**live_cfg, "latency": {**live_cfg["latency"], "model": "lut", "lut": str(lut),
+                                                          "correction_per_generation": 2}})
+    assert cfg["latency"]["correction"] == "auto"
+    summary = run_search_job(cfg)
+    run_dir = Path(cfg["run_dir"])
+
+    measured = pd.read_parquet(run_dir / "live_measured.parquet")
+    assert summary["live_measured"] == len(measured) > 0 and measured["arch"].is_unique
+    assert (measured["measured_node"] == board_cluster["board"]).all()
+    assert (measured["measured_ms"] > 0).all() and (measured["predicted_ms"] > 0).all()
+    history = pd.read_parquet(run_dir / "live_calibration.parquet")
+    assert history["generation"].iloc[0] == -1 and len(history) >= 2
+    assert list(history["live_measured"]) == sorted(history["live_measured"])  # only ever more measurements
+    front = pd.read_parquet(run_dir / "front.parquet")
+    assert len(front) and (front["latency_source"] == "measured").all()  # measured, not predicted
+    rows = pd.read_parquet(run_dir / "evaluations.parquet").set_index("arch")
+    by_arch = measured.set_index("arch")
+    assert rows.loc[by_arch.index, "latency_ms"].tolist() == pytest.approx(by_arch["measured_ms"].tolist())
+    assert rows["latency_source"].isna().sum() == len(rows) - len(measured)  # the others stay predicted
+    report = (run_dir / "report.md").read_text()
+    assert "## Live latency: predicted vs measured" in report and "## Calibration after each generation" in report
+
+    parts = sorted((run_dir / "live").glob("part-*.parquet"))
+    again = run_search_job(cfg, resume=True)
+    assert again["live_measured"] == len(measured)
+    assert sorted((run_dir / "live").glob("part-*.parquet")) == parts  # nothing measured again

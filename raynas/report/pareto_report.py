@@ -41,6 +41,16 @@ def plot_pareto(records: Sequence[dict], front: Sequence[dict], out: str | os.Pa
     return storage.write_bytes(out, png.getbuffer())
 
 
+def _live_section(measured: Sequence[dict], history: Sequence[dict]) -> list[str]:
+    """Predicted (by the model as it was then) vs measured for every live-measured candidate, and how the
+    model's calibration moved generation by generation."""
+    rows = [{**m, "error_pct": 100 * (m["predicted_ms"] - m["measured_ms"]) / m["measured_ms"]} for m in measured]
+    return ["## Live latency: predicted vs measured", "",
+            markdown_table(rows, ["generation", "predicted_ms", "measured_ms", "error_pct", "measured_node", "arch"]),
+            "", "## Calibration after each generation (-1: before the search)", "",
+            markdown_table(history, ["generation", "live_measured", "slope", "intercept"]), ""]
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -54,8 +64,9 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def write_report(run_dir: str | os.PathLike, summary: dict, records: Sequence[dict], front: Sequence[dict],
-                 exported: Sequence[dict]) -> str:
-    """`report.md` and `pareto.png` in `run_dir`; links are relative, so the report reads the same anywhere."""
+                 exported: Sequence[dict], live: tuple[Sequence[dict], Sequence[dict]] | None = None) -> str:
+    """`report.md` and `pareto.png` in `run_dir`; links are relative, so the report reads the same anywhere.
+    `live`: (every live-measured candidate, the calibration after each generation) of a corrected search."""
     png = plot_pareto(records, front, storage.join(run_dir, "pareto.png"),
                       title=f"{summary['space']} · {summary['algorithm']} · {len(records)} evaluations")
     lines = [
@@ -67,8 +78,9 @@ def write_report(run_dir: str | os.PathLike, summary: dict, records: Sequence[di
         "",
         "## Pareto front",
         "",
-        markdown_table(front, ["accuracy", "latency_ms", "params", "macs", "generation", "arch"]),
+        markdown_table(front, ["accuracy", "latency_ms", "latency_source", "params", "macs", "generation", "arch"]),
         "",
+        *(_live_section(*live) if live else []),
         "## Exported subnets (ONNX)",
         "",
         markdown_table(exported, ["onnx", "accuracy", "latency_ms", "measured_ms", "measured_iqr_ms", "params",

@@ -14,6 +14,7 @@ ALGORITHMS = tuple(ALGORITHM_REGISTRY.names())
 OBJECTIVES = ("accuracy", "latency_ms", "params", "macs")
 LIVE = "live"  # no model: every candidate measured on the device (raynas.search.live)
 LATENCY_MODELS = (*MODEL_KINDS, LIVE)
+CORRECTIONS = ("auto", "on", "off")  # a predicting latency model corrected by live measurements
 
 # Every algorithm setting a user may set, with its range: (kind, low, high); None = unbounded.
 PARAM_RANGES: dict[str, tuple[str, float | None, float | None]] = {
@@ -31,7 +32,8 @@ DEFAULTS = {
     "run_dir": "runs/search",
     "data": {"name": "digits"},
     "evaluator": {"num_actors": 2, "bn_samples": 2048, "batch_size": 256, "device": "cpu", "threads": 1},
-    "latency": {"model": "lut", "lut": None, "device": "local-cpu", "devices_file": None},
+    "latency": {"model": "lut", "lut": None, "device": "local-cpu", "devices_file": None,
+                "correction": "auto", "correction_per_generation": 4},
     "search": {"algorithm": "nsga2", "budget": 200, "seed": 0, "objectives": ["accuracy", "latency_ms"],
                "params": {}},
     "constraints": {"max_latency_ms": None, "max_params": None, "max_macs": None},
@@ -114,7 +116,10 @@ def validate_search_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(ev["device"], str) or not (ev["device"] == "cpu" or ev["device"].startswith("cuda")):
         c.fail("evaluator.device", f"{ev['device']!r} is not allowed", "cpu, cuda, cuda:N")
 
-    out["latency"] = latency_section(cfg, DEFAULTS["latency"], LATENCY_MODELS)
+    lat = out["latency"] = latency_section(cfg, DEFAULTS["latency"], LATENCY_MODELS)
+    # auto: on when the device is a node of its own (see raynas.search.runner._corrects)
+    c.choice(lat["correction"], "latency.correction", CORRECTIONS)
+    c.integer(lat["correction_per_generation"], "latency.correction_per_generation", 1)
     out["search"] = search_section(cfg, DEFAULTS["search"], OBJECTIVES)
 
     cons = out["constraints"] = c.section(cfg, "constraints", DEFAULTS["constraints"])

@@ -21,11 +21,13 @@ def _progress(msg: str) -> None:
 
 
 def run_search(algorithm: SearchAlgorithm, evaluate: BatchEvaluator, store: ResultStore,
-               progress: Callable[[str], None] = _progress, live: LiveLatency | None = None) -> list[Record]:
+               progress: Callable[[str], None] = _progress, live: LiveLatency | None = None,
+               after_generation: Callable[[int, list[Record]], None] | None = None) -> list[Record]:
     """Run `algorithm` to its budget. Archs already in `store` (a resumed run) are not re-evaluated.
 
     `live`: every new candidate's latency is measured on the device while its accuracy is evaluated, and
     replaces the estimate (feasibility included); a record is stored once both are in.
+    `after_generation(generation, records asked so far)`: e.g. correct the latency model (LiveCorrection).
     Returns the records of every arch the algorithm asked for, in ask order.
     """
     ctx = algorithm.ctx
@@ -53,6 +55,8 @@ def run_search(algorithm: SearchAlgorithm, evaluate: BatchEvaluator, store: Resu
         records = [store.get(a.to_json()) for a in archs]
         algorithm.tell(archs, records)
         asked.extend(records)
+        if after_generation is not None:
+            after_generation(generation, asked)
         generation += 1
     return asked
 
@@ -86,14 +90,15 @@ def _evaluated(evaluate: BatchEvaluator, todo: list[str]) -> Iterator[tuple[str,
 
 
 def estimate_fn(supernet, latency_model=None) -> Callable[[Arch], Record]:
-    """Cheap per-arch estimates: analytic params/MACs and the latency model's prediction (cached)."""
+    """Cheap per-arch estimates: analytic params/MACs (cached) and the latency model's prediction (asked
+    each time: a live-corrected model changes between generations)."""
     cache: dict[Arch, Record] = {}
 
     def estimate(arch: Arch) -> Record:
         if arch not in cache:
             cost = supernet.cost(arch)
-            latency = latency_model.predict(arch) if latency_model is not None else float("nan")
-            cache[arch] = {"params": int(cost["params"]), "macs": int(cost["macs"]), "latency_ms": float(latency)}
-        return cache[arch]
+            cache[arch] = {"params": int(cost["params"]), "macs": int(cost["macs"])}
+        latency = latency_model.predict(arch) if latency_model is not None else float("nan")
+        return {**cache[arch], "latency_ms": float(latency)}
 
     return estimate

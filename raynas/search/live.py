@@ -60,3 +60,86 @@ def _record(timing: dict[str, Any]) -> dict[str, Any]:
     return {"latency_ms": timing["median_ms"], "latency_iqr_ms": timing["iqr_ms"],
             "latency_reference_ms": timing.get("reference_ms"), "latency_source": "measured",
             "measured_node": timing["node_id"], "measured_host": timing["hostname"]}
+
+
+class LiveCorrection:
+    """A latency model kept honest by the device (`latency.correction`): after each generation the members of
+    the current Pareto front not measured yet (at most `per_generation`) are measured live, and the model's
+    calibration (kappa, epsilon) is refit on its calibration subnets plus every live measurement so far, so
+    the next generation is predicted by the corrected model. At the end the front is measured until every
+    member of it is (`finalize`): the front a user gets holds measured latencies, not predictions.
+
+    Measurements are stored as they come (run_dir/live/, an append-only store like the evaluations'): a
+    resumed search measures nothing again. Latencies are stated at the LUT's reference speed, like the
+    predictions they are compared with (raynas.hw.measure.ReferenceClock); the raw figure is kept.
+    """
+
+    def __init__(self, live: LiveLatency, model, calibration: dict, run_dir: str, ctx, per_generation: int):
+        from raynas import storage
+        from raynas.search.results import ResultStore
+
+        self.live, self.model, self.per_generation = live, model, per_generation
+        self.constraints, self.objectives = ctx.constraints, ctx.objectives
+        # The subnets the model was calibrated on stay in every refit: live measurements add to them.
+        self._base = ([ctx.space.validate(a) for a in calibration["archs"]], list(calibration["measured_ms"]))
+        self.store = ResultStore(storage.join(run_dir, "live"))
+        self.history: list[dict[str, Any]] = []
+        self._refit(generation=-1)
+
+    def after_generation(self, generation: int, records: list[dict[str, Any]]) -> None:
+        # A resumed search replays its generations: one whose measurements are stored is not measured again.
+        if not any(m["generation"] == generation for m in self.store.records()):
+            front = self._front(records)
+            self._measure([r for r in front if r["arch"] not in self.store][: self.per_generation], generation)
+        self._refit(generation)
+
+    def finalize(self, records: list[dict[str, Any]], rounds: int = 20) -> list[dict[str, Any]]:
+        """`records` with the measured latency wherever one was measured, after measuring the front's
+        unmeasured members until there are none (a measurement can move a member off the front and
+        another onto it, hence rounds)."""
+        for _ in range(rounds):
+            todo = [r for r in self._front(self.apply(records)) if r["arch"] not in self.store]
+            if not todo:
+                break
+            self._measure(todo, generation=-1)
+        return self.apply(records)
+
+    def apply(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for r in records:
+            m = self.store.get(r["arch"])
+            if m is not None:
+                r = {**r, "latency_ms": m["measured_ms"], "latency_predicted_ms": r["latency_ms"],
+                     "latency_source": "measured", "measured_node": m["measured_node"]}
+                r["feasible"] = self.constraints.feasible(r)
+            out.append(r)
+        return out
+
+    def _front(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from raynas.search.pareto import pareto_front
+
+        return pareto_front([r for r in records if r["feasible"]], self.objectives)
+
+    def _measure(self, records: list[dict[str, Any]], generation: int) -> None:
+        from raynas.hw.measure import at_reference_speed
+
+        futures = {r["arch"]: (r, self.live.submit(r["arch"])) for r in records}
+        for arch, (record, future) in futures.items():
+            m = future.result()
+            reference = m["latency_reference_ms"]
+            self.store.append({
+                "arch": arch, "generation": generation,
+                "measured_ms": at_reference_speed(m["latency_ms"], reference, self.model.baseline_ms),
+                "measured_raw_ms": m["latency_ms"], "reference_ms": reference,
+                "predicted_ms": record["latency_ms"], "measured_node": m["measured_node"],
+                "calibration_slope": self.model.calibration.slope,
+                "calibration_intercept": self.model.calibration.intercept,
+            })
+
+    def _refit(self, generation: int) -> None:
+        measured = self.store.records()
+        archs = self._base[0] + [Arch.from_json(m["arch"]) for m in measured]
+        self.model.calibrate(archs, self._base[1] + [m["measured_ms"] for m in measured])
+        self.history.append({"generation": generation, "live_measured": len(measured),
+                             "slope": self.model.calibration.slope, "intercept": self.model.calibration.intercept})
+

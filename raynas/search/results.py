@@ -84,6 +84,7 @@ class ResultStore:
     def to_pandas(self) -> pd.DataFrame:
         return pd.DataFrame(self.records())
 
-    def compact(self, location: str | os.PathLike) -> str:
-        """All evaluations in one Parquet file (the run's `evaluations.parquet`)."""
-        return storage.write_table(location, pa.Table.from_pylist(self.records()))
+    def compact(self, location: str | os.PathLike, records: list[dict[str, Any]] | None = None) -> str:
+        """All evaluations in one Parquet file (the run's `evaluations.parquet`); `records`: these instead
+        of the stored ones (e.g. with live-measured latencies in place of predicted ones)."""
+        return storage.write_table(location, pa.Table.from_pylist(self.records() if records is None else records))

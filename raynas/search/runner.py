@@ -28,7 +28,7 @@ from raynas.search.algorithms import Constraints, SearchContext, build_algorithm
 from raynas.search.config import LIVE
 from raynas.search.driver import estimate_fn, run_search
 from raynas.search.evaluator import EvaluatorConfig, make_evaluator_pool, pool_evaluator
-from raynas.search.live import LiveLatency
+from raynas.search.live import LiveCorrection, LiveLatency
 from raynas.search.pareto import pareto_front
 from raynas.search.results import ResultStore, part_files
 from raynas.space import Arch
@@ -57,17 +57,20 @@ class SearchOutcome:
     reused: int                 # evaluations already stored when the run started (a resumed search)
     actors_replaced: int        # evaluator actors that died and were replaced
     profilers_replaced: int = 0  # live latency: profiler actors that died and were replaced
+    live: tuple[list[dict], list[dict]] | None = None  # live correction: (measured candidates, calibrations)
 
 
 def search_front(run_dir: str, ctx: SearchContext, search: dict[str, Any], device: str, resume: bool,
                  start_pool: Callable[[], Any], evaluator_of: Callable[[Any], Any],
-                 live_latency: Callable[[], LiveLatency] | None = None) -> SearchOutcome:
+                 live_latency: Callable[[], LiveLatency] | None = None,
+                 correction: Callable[[LiveLatency], LiveCorrection] | None = None) -> SearchOutcome:
     """Run the configured algorithm (`search` section) with a pool of evaluator actors; every evaluation is
     stored under run_dir/evaluations (a resume answers stored archs from there), then compacted, and the
     feasible Pareto front written to front.parquet. Shared by `raynas search` and the big/little pair search,
     which differ in their space, their evaluator actors (`start_pool`) and what is added to their results
     (`evaluator_of(pool)`, a `run_search` evaluator). `live_latency()`: the profilers that measure every
-    candidate on the device (`latency.model: live`)."""
+    candidate on the device (`latency.model: live`), or, with `correction(live)`, that correct the latency
+    model generation by generation and measure the final front (`latency.correction`)."""
     from raynas.hw.devices import init_local_ray
 
     algorithm = build_algorithm(search["algorithm"], ctx, search["budget"], **(search["params"] or {}))
@@ -78,17 +81,58 @@ def search_front(run_dir: str, ctx: SearchContext, search: dict[str, Any], devic
     init_local_ray(devices=[device])
     pool = start_pool()
     live = live_latency() if live_latency is not None else None
+    corrector = correction(live) if correction is not None and live is not None else None
     try:
-        asked = run_search(algorithm, evaluator_of(pool), store, progress=log, live=live)
+        asked = run_search(algorithm, evaluator_of(pool), store, progress=log,
+                           live=live if corrector is None else None,
+                           after_generation=corrector.after_generation if corrector else None)
+        records = list({r["arch"]: r for r in asked}.values())
+        if corrector is not None:
+            records = corrector.finalize(records)
+            _log_correction(corrector, run_dir)
     finally:
         pool.shutdown()
         if live is not None:
             live.shutdown()
-    records = list({r["arch"]: r for r in asked}.values())
-    store.compact(storage.join(run_dir, "evaluations.parquet"))
+    store.compact(storage.join(run_dir, "evaluations.parquet"), records)
     front = pareto_front([r for r in records if r["feasible"]], ctx.objectives)
     storage.write_pandas(storage.join(run_dir, "front.parquet"), pd.DataFrame(front))
-    return SearchOutcome(algorithm, records, front, reused, pool.replaced, live.replaced if live else 0)
+    return SearchOutcome(algorithm, records, front, reused, pool.replaced, live.replaced if live else 0,
+                         (corrector.store.records(), corrector.history) if corrector else None)
+
+
+def _log_correction(corrector: LiveCorrection, run_dir: str) -> None:
+    """The calibration after each generation, and every live-measured candidate, beside the run."""
+    storage.write_pandas(storage.join(run_dir, "live_calibration.parquet"), pd.DataFrame(corrector.history))
+    measured = corrector.store.to_pandas()
+    storage.write_pandas(storage.join(run_dir, "live_measured.parquet"), measured)
+    first, last = corrector.history[0], corrector.history[-1]
+    log(f"[search] live correction: {len(measured)} candidates measured; kappa {first['slope']:.4g} -> "
+        f"{last['slope']:.4g}, epsilon {first['intercept']:.4g} -> {last['intercept']:.4g}")
+
+
+def _corrects(lat: dict[str, Any]) -> bool:
+    """Whether the latency model is corrected live (`latency.correction`): `auto` does it when the device
+    is a node of its own (a board, not the driver's machine), whose profiler measures without stealing the
+    CPU of the search."""
+    import ray
+
+    from raynas.hw.devices import init_local_ray, labelled_nodes
+
+    if lat["correction"] != "auto":
+        return lat["correction"] == "on"
+    init_local_ray(devices=[lat["device"]])
+    here = ray.get_runtime_context().get_node_id()
+    return any(node != here for node in labelled_nodes(lat["device"]))
+
+
+def _calibration_of(supernet, lat: dict[str, Any]) -> dict[str, Any]:
+    from raynas.hw.devices import get_device
+    from raynas.hw.latency import calibration_path, load_calibration
+    from raynas.hw.lut import TableKey
+
+    key = TableKey.of(supernet, get_device(lat["device"], lat["devices_file"]))
+    return load_calibration(calibration_path(lat["lut"]), key)
 
 
 def _live_latency(supernet, lat: dict[str, Any]) -> LiveLatency:
@@ -205,9 +249,14 @@ def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
                         constraints=Constraints(**cfg["constraints"]), objectives=tuple(s["objectives"]),
                         seed=s["seed"])
     ev = cfg["evaluator"]
+    corrected = not live and _corrects(lat)
     found = search_front(run_dir, ctx, s, lat["device"], resume,
                          lambda: make_evaluator_pool(cfg["checkpoint"], EvaluatorConfig(data=cfg["data"], **ev)),
-                         pool_evaluator, live_latency=(lambda: _live_latency(supernet, lat)) if live else None)
+                         pool_evaluator,
+                         live_latency=(lambda: _live_latency(supernet, lat)) if live or corrected else None,
+                         correction=(lambda measure: LiveCorrection(
+                             measure, latency_model, _calibration_of(supernet, lat), run_dir, ctx,
+                             lat["correction_per_generation"])) if corrected else None)
     records, front = found.records, found.front
     chosen = spread_along_front(front, cfg["export"]["top_k"])
     exported = export_and_measure(supernet, chosen, run_dir, lat["device"] if cfg["export"]["measure"] else None,
@@ -225,9 +274,10 @@ def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
         "best_accuracy": max((r["accuracy"] for r in front), default=float("nan")),
         "latency_model": lat["model"], "device": lat["device"], "actors": ev["num_actors"],
         "actors_replaced": found.actors_replaced, "profilers_replaced": found.profilers_replaced,
+        "live_measured": len(found.live[0]) if found.live else 0,
         "wall_s": round(time.time() - started, 1),
     }
-    report = write_report(run_dir, summary, records, front, exported)
+    report = write_report(run_dir, summary, records, front, exported, found.live)
     log(f"[search] done: {len(records)} evaluations, front of {len(front)}, report {storage.display(report)}")
     return {**summary, "run_dir": run_dir}
 
