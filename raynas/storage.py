@@ -286,6 +286,13 @@ def write_table(location: str | os.PathLike, table: pa.Table) -> str:
     return write_bytes(location, sink.getvalue())
 
 
+def write_rows(location: str | os.PathLike, rows: list[dict[str, Any]]) -> str:
+    """Records as one Parquet table with every field any of them has (missing values as nulls): pyarrow's
+    `from_pylist` alone would keep only the first record's fields."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    return write_table(location, pa.Table.from_pylist([{k: r.get(k) for k in fields} for r in rows]))
+
+
 def write_pandas(location: str | os.PathLike, frame) -> str:
     return write_table(location, pa.Table.from_pandas(frame, preserve_index=False))
 

@@ -6,6 +6,12 @@ blocks' rows. Configurations are collected from `blocks()` of the smallest, the 
 subnets until `patience` samples in a row bring no new key; a family that lists its blocks itself
 (`Supernet.block_variants(resolution) -> list[Block]`) is only verified by a few sampled subnets.
 
+Each row keeps the block's time as measured (`latency_raw_ms`) and the device's reference time measured
+with it (`reference_ms`, raynas.hw.measure.ReferenceClock); `latency_ms`, what the models sum, is the raw
+time stated at the group's reference speed, so rows measured at different moments stay comparable.
+Blocks are timed each in its own session (method "isolated") or inside whole profiled subnets ("context",
+raynas.hw.in_context).
+
 Tables are Parquet, one row per (space, device, runtime, resolution, num_classes, key); a file may hold
 several groups. A LUT lives at a location raynas.storage reads and writes (a local path or a URI such as
 s3://bucket/luts/x.parquet). Building again into the same location measures only the keys it lacks, and a

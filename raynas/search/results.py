@@ -87,4 +87,5 @@ class ResultStore:
     def compact(self, location: str | os.PathLike, records: list[dict[str, Any]] | None = None) -> str:
         """All evaluations in one Parquet file (the run's `evaluations.parquet`); `records`: these instead
         of the stored ones (e.g. with live-measured latencies in place of predicted ones)."""
-        return storage.write_table(location, pa.Table.from_pylist(self.records() if records is None else records))
+        # Records may differ in fields (e.g. the live measurement only measured candidates carry).
+        return storage.write_rows(location, self.records() if records is None else records)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pyarrow as pa
-
 from raynas import storage
 
 METRICS_FILE = "metrics.parquet"
@@ -29,9 +27,8 @@ def append_metrics(run_dir: str | os.PathLike, row: dict[str, Any]) -> str:
         rows = [r for r in storage.read_table(location, "metrics").to_pylist() if r.get("epoch") != row["epoch"]]
     rows.append(row)
     rows.sort(key=lambda r: r["epoch"])
-    # Columns may appear later (e.g. evaluation every k epochs): unify, missing values as nulls.
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    return storage.write_table(location, pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows]))
+    # Columns may appear later (e.g. evaluation every k epochs): unified, missing values as nulls.
+    return storage.write_rows(location, rows)
 
 
 def read_metrics(run_dir: str | os.PathLike):
