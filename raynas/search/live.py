@@ -15,8 +15,12 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from raynas import storage
 from raynas.hw.lut import subnet_onnx
+from raynas.hw.measure import at_reference_speed
 from raynas.hw.remote import Profiler
+from raynas.search.pareto import pareto_front
+from raynas.search.results import ResultStore
 from raynas.space import Arch
 
 
@@ -75,9 +79,6 @@ class LiveCorrection:
     """
 
     def __init__(self, live: LiveLatency, model, calibration: dict, run_dir: str, ctx, per_generation: int):
-        from raynas import storage
-        from raynas.search.results import ResultStore
-
         self.live, self.model, self.per_generation = live, model, per_generation
         self.constraints, self.objectives = ctx.constraints, ctx.objectives
         # The subnets the model was calibrated on stay in every refit: live measurements add to them.
@@ -116,13 +117,9 @@ class LiveCorrection:
         return out
 
     def _front(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from raynas.search.pareto import pareto_front
-
         return pareto_front([r for r in records if r["feasible"]], self.objectives)
 
     def _measure(self, records: list[dict[str, Any]], generation: int) -> None:
-        from raynas.hw.measure import at_reference_speed
-
         futures = {r["arch"]: (r, self.live.submit(r["arch"])) for r in records}
         for arch, (record, future) in futures.items():
             m = future.result()
