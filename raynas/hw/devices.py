@@ -23,6 +23,7 @@ from typing import Any
 
 from raynas import config as c
 from raynas.errors import UserError
+from raynas.hw.precision import PRECISIONS, RUNTIME_PRECISIONS
 
 LABEL_KEY = "device"  # the node label naming the device a node is: device=<name>
 RESOURCE_PREFIX = "device:"  # the custom resource of boards that joined before labels: device:<name>
@@ -33,6 +34,10 @@ MIN_RUNS = 50  # the measurement protocol of the project: never fewer timed runs
 CLOCKS = ("wall", "thread")
 # How a LUT's blocks are timed (raynas.hw.lut.build_lut): each in its own session, or inside whole subnets.
 LUT_METHODS = ("isolated", "context")
+
+# Energy meters raynas reads (raynas.hw.energy): Linux RAPL counters under /sys/class/powercap, a Jetson's
+# INA3221 power rails in sysfs, an NVIDIA GPU's total-energy counter through NVML.
+ENERGY_METERS = ("rapl", "ina3221", "nvml")
 
 # runtime name in devices.yaml -> onnxruntime execution providers, preferred first. The first one must be
 # available on the device node: silently falling back to CPU would measure the wrong hardware.
@@ -90,6 +95,29 @@ class MeasurementProtocol:
 
 
 @dataclass(frozen=True)
+class EnergySpec:
+    """How a device's energy is read: `meter` (one of ENERGY_METERS); `path` the sysfs root or file it reads
+    ("" = the meter's standard place: /sys/class/powercap for rapl, the INA3221 hwmon directory for ina3221;
+    nvml reads GPU `index`); `idle_s` how long idle power is sampled before measuring, to subtract it."""
+
+    meter: str
+    path: str = ""
+    index: int = 0
+    idle_s: float = 0.5
+
+    def validate(self, where: str = "energy") -> EnergySpec:
+        c.choice(self.meter, f"{where}.meter", ENERGY_METERS)
+        if self.path:
+            c.string(self.path, f"{where}.path")
+        c.integer(self.index, f"{where}.index", 0)
+        c.number(self.idle_s, f"{where}.idle_s", 0, 60)
+        return self
+
+
+ENERGY_KEYS = tuple(EnergySpec.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     """One declared device. `label` is the node label of its node; `resource` the custom resource of
     boards that advertise the device the older way."""
@@ -100,6 +128,20 @@ class DeviceSpec:
     batch_size: int = 1
     description: str = ""
     protocol: MeasurementProtocol = field(default_factory=MeasurementProtocol)
+    # The precisions the device runs (raynas.hw.precision); () = what its runtime runs natively.
+    precisions: tuple[str, ...] = ()
+    energy: EnergySpec | None = None  # None: the device has no energy meter
+
+    @property
+    def runs_precisions(self) -> tuple[str, ...]:
+        return self.precisions or RUNTIME_PRECISIONS[self.runtime]
+
+    def check_precision(self, precision: str, where: str = "precision") -> str:
+        """`precision` if this device runs it; else one line naming the device and what it runs."""
+        c.choice(precision, where, PRECISIONS)
+        if precision not in self.runs_precisions:
+            c.fail(where, f"device '{self.name}' does not run {precision!r}", list(self.runs_precisions))
+        return precision
 
     @property
     def resource(self) -> str:
@@ -123,14 +165,16 @@ class DeviceSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> DeviceSpec:
         d = {k: v for k, v in d.items() if k not in ("label", "resource")}
         protocol = MeasurementProtocol(**d.pop("protocol", {}))
-        return cls(**d, protocol=protocol)
+        energy = d.pop("energy", None)
+        return cls(**{**d, "precisions": tuple(d.get("precisions", ()))}, protocol=protocol,
+                   energy=EnergySpec(**energy) if energy else None)
 
 
 # As declared in cluster/devices.yaml (see there why the thread clock allows this short protocol).
 LOCAL_CPU = DeviceSpec(DEFAULT_DEVICE, description="this machine, onnxruntime CPU execution provider",
                        protocol=MeasurementProtocol(clock="thread", warmup_s=0.05, min_run_s=0.05))
 
-DEVICE_KEYS = ("resource", "runtime", "threads", "batch_size", "description", "protocol")
+DEVICE_KEYS = ("resource", "runtime", "threads", "batch_size", "description", "protocol", "precisions", "energy")
 PROTOCOL_KEYS = tuple(MeasurementProtocol.__dataclass_fields__)
 
 
@@ -162,6 +206,16 @@ def _protocol(cfg: Any, base: MeasurementProtocol, where: str) -> MeasurementPro
     return replace(base, **cfg).validate(where)
 
 
+def _energy(cfg: Any, where: str) -> EnergySpec | None:
+    if cfg is None:
+        return None
+    cfg = c.mapping(cfg, where)
+    c.check_known(cfg, ENERGY_KEYS, where)
+    if "meter" not in cfg:
+        c.fail(f"{where}.meter", "missing", list(ENERGY_METERS))
+    return EnergySpec(**cfg).validate(where)
+
+
 def _device(name: Any, spec: Any, base: MeasurementProtocol, where: str) -> DeviceSpec:
     if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
         c.fail(where, f"got the name {name!r}", "a node label value: 1-63 letters, digits, '.', '_' or '-', "
@@ -170,12 +224,16 @@ def _device(name: Any, spec: Any, base: MeasurementProtocol, where: str) -> Devi
     c.check_known(spec, DEVICE_KEYS, where)
     if "resource" in spec:
         c.choice(spec["resource"], f"{where}.resource", [device_resource(name)])
+    runtime = c.choice(spec.get("runtime", "cpu"), f"{where}.runtime", RUNTIME_PROVIDERS)
     device = DeviceSpec(
-        name=name, runtime=c.choice(spec.get("runtime", "cpu"), f"{where}.runtime", RUNTIME_PROVIDERS),
+        name=name, runtime=runtime,
         threads=c.integer(spec.get("threads", 1), f"{where}.threads", 1),
         batch_size=c.integer(spec.get("batch_size", 1), f"{where}.batch_size", 1),
         description=c.string(spec["description"], f"{where}.description") if "description" in spec else "",
         protocol=_protocol(spec.get("protocol"), base, f"{where}.protocol"),
+        precisions=c.names(spec["precisions"], f"{where}.precisions", RUNTIME_PRECISIONS[runtime])
+        if "precisions" in spec else (),
+        energy=_energy(spec.get("energy"), f"{where}.energy"),
     )
     if device.protocol.clock == "thread" and (device.runtime != "cpu" or device.threads != 1):
         c.fail(f"{where}.protocol.clock", f"'thread' with runtime {device.runtime!r} and threads {device.threads}",
