@@ -1,9 +1,10 @@
 """Profile search spaces on every device present in the Ray cluster, for `ray job submit`:
 
     ray job submit --working-dir . -- python pipelines/profile_devices.py \
-        --spaces scanedge,autovit-xxs --out runs/profile
+        --spaces scanedge,autovit-xxs --out runs/profile [--precisions fp32,int8]
 
-For each space: a per-block latency LUT on every device (in parallel, one profiler actor per device
+For each space and each precision (default fp32; a device is skipped at a precision it does not run): a
+per-block latency LUT on every device (in parallel, one profiler actor per device
 node), calibrated on 10 measured subnets per device, optionally validated on held-out subnets. Devices are
 the nodes labelled `device=<name>` (or advertising the older resource `device:<name>`) that
 cluster/devices.yaml declares. `--out` is a directory or a URI prefix (s3://bucket/profile); a re-run
@@ -19,6 +20,7 @@ import sys
 
 from raynas.errors import UserError
 from raynas.hw.devices import LUT_METHODS
+from raynas.hw.precision import check_precision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=LUT_METHODS, default="isolated",
                         help="how LUT blocks are timed (see `raynas profile lut --method`)")
     parser.add_argument("--passes", type=int, default=1, help="LUT measurement passes (median kept)")
+    parser.add_argument("--precisions", default="fp32",
+                        help="comma-separated precisions to profile at, e.g. fp32,int8 (default fp32)")
     parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     args = parser.parse_args(argv)
 
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         spaces = [s.strip() for s in args.spaces.split(",") if s.strip()]
         if not spaces:
             raise UserError("--spaces: expected at least one space name")
+        precisions = [check_precision(p.strip(), "--precisions") for p in args.precisions.split(",") if p.strip()]
         started = init_local_ray(address=args.address)
         only = [d.strip() for d in args.devices.split(",")] if args.devices else None
         devices, skipped = devices_to_profile(args.devices_file, only)
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[profile] skipped {line}", file=sys.stderr)
         summary = profile_devices(spaces, args.out, devices, resolution=args.resolution,
                                   calibration_n=args.calibration_n, validate_n=args.validate_n, seed=args.seed,
-                                  patience=args.patience, passes=args.passes, method=args.method)
+                                  patience=args.patience, passes=args.passes, method=args.method,
+                                  precisions=precisions)
         summary["skipped"] = skipped
     except UserError as exc:
         print(f"profile_devices: error: {exc}", file=sys.stderr)

@@ -70,7 +70,8 @@ def cmd_arch_cost(args) -> None:
 # ---- export --------------------------------------------------------------------------------------
 def export_target(out: str) -> tuple[str, bool]:
     """`--out` as (location, is_directory): a location not ending in `.onnx` (or ending in `/`, or an existing
-    directory) is a directory that receives `<space>-<arch digest>.onnx`; otherwise it is the file itself."""
+    directory) is a directory that receives `<space>-<arch digest>.onnx` (`-<precision>` before `.onnx` when not
+    fp32); otherwise it is the file itself."""
     from raynas import storage
 
     location = storage.normalize(out)
@@ -96,11 +97,87 @@ def _export_supernet(args):
     return supernet
 
 
+def _precision(text: str) -> str:
+    """`--precision`, checked where it is declared (raynas.hw.precision, imported only by `export`)."""
+    from raynas.hw.precision import check_precision
+
+    return check_precision(text, "--precision")
+
+
+def _run_config_of(checkpoint: str) -> str | None:
+    """The config of the `raynas train` run that wrote `checkpoint`: `config.yaml` in the run directory, which
+    holds the final supernet.pt and, one level down, the epoch checkpoints (epoch_NNNN/supernet.pt)."""
+    from raynas import storage
+    from raynas.train.checkpointing import CHECKPOINT_DIR_PATTERN
+    from raynas.train.trainer import CONFIG_FILE
+
+    directory = storage.parent(storage.normalize(checkpoint))
+    if CHECKPOINT_DIR_PATTERN.fullmatch(storage.basename(directory)):
+        directory = storage.parent(directory)
+    candidate = storage.join(directory, CONFIG_FILE)
+    return candidate if storage.is_file(candidate) else None
+
+
+def _export_data(args) -> tuple[dict | None, str]:
+    """The data that calibrates INT8 and measures accuracy, and where it came from (or why there is none):
+    --data, else the data the checkpoint was trained on (its run's config), else none."""
+    from raynas import storage
+    from raynas.biglittle.cli import parse_data
+
+    if args.data:
+        return parse_data(args.data), "--data"
+    if not args.checkpoint:
+        return None, "no --data and no --checkpoint (a fresh supernet)"
+    run_config = _run_config_of(args.checkpoint)
+    if run_config is None:
+        return None, f"no --data and no run config (config.yaml) beside {storage.display(args.checkpoint)}"
+    return parse_data(run_config), storage.display(run_config)
+
+
+def _deploy_arrays(supernet, arch, data: dict, resolution: int, args) -> dict:
+    """Recalibrate the BN statistics of `arch` on training images (as the search's evaluators score it, so the
+    exported model is the one the search measured); the arrays calibration and accuracy read: training images
+    (the BN ones, a seeded subset) and the validation split."""
+    from raynas.biglittle.evaluate import eval_data
+    from raynas.data import dataset_num_classes
+    from raynas.hw.onnx_accuracy import labelled_arrays
+    from raynas.train.bn import recalibrate_bn
+
+    classes, space = dataset_num_classes(data), supernet.space
+    if classes != space.num_classes:
+        raise UserError(f"--data: dataset '{data['name']}' has {classes} classes, the supernet {space.num_classes}; "
+                        "allowed: the data the checkpoint was trained on")
+    sets = eval_data(data, resolution, space.in_channels, max(args.bn_samples, args.calibration_images))
+    bn_images = min(args.bn_samples, sets.bn_samples)
+    recalibrate_bn(supernet, arch, sets.bn_loader, bn_images)
+    train_images, _ = labelled_arrays(sets.bn_loader)
+    val_images, val_labels = labelled_arrays(sets.val_loader)
+    return {"train": train_images, "val": val_images, "labels": val_labels, "bn_images": bn_images}
+
+
+def _accuracy_fields(verified, arrays: dict | None, data: dict | None, data_from: str) -> dict:
+    """Top-1 on the validation split of the FP32 graph and of the written model, in onnxruntime; null, with
+    the reason, without data."""
+    from raynas.hw.onnx_accuracy import onnx_accuracy
+
+    if arrays is None:
+        return {"accuracy_fp32": None, "accuracy": None, "accuracy_images": None,
+                "accuracy_skipped": f"no data: {data_from}", "data": None, "data_from": None,
+                "bn_recalibration_images": None}
+    fp32 = onnx_accuracy(verified.fp32, arrays["val"], arrays["labels"])
+    same = verified.info["precision"] == "fp32"  # the written model is the FP32 graph itself
+    deployed = fp32 if same else onnx_accuracy(verified.model, arrays["val"], arrays["labels"])
+    return {"accuracy_fp32": fp32, "accuracy": deployed, "accuracy_images": len(arrays["labels"]),
+            "accuracy_skipped": None, "data": data["name"], "data_from": data_from,
+            "bn_recalibration_images": arrays["bn_images"]}
+
+
 def cmd_export(args) -> None:
     import hashlib
 
     from raynas import storage
-    from raynas.hw.onnx_export import export_onnx
+    from raynas.hw.onnx_accuracy import calibration_batches
+    from raynas.hw.onnx_export import verified_onnx
 
     out, out_is_dir = export_target(args.out)
     # Before loading anything: an unwritable --out fails now, not after the export.
@@ -109,11 +186,29 @@ def cmd_export(args) -> None:
     space = supernet.space
     arch = parse_arch(args.arch, space)
     resolution = args.resolution or space.resolution
-    subnet = supernet.extract(arch, resolution)
+    data, data_from = _export_data(args)
+    if data is None and args.checkpoint and args.precision == "int8":
+        # Ranges fitted on noise would quietly cost a trained model its accuracy.
+        raise UserError(f"--data: missing ({data_from}); INT8 calibrates a trained checkpoint on its training "
+                        "images; allowed: a dataset name, JSON object or YAML with a data section")
+    arrays = _deploy_arrays(supernet, arch, data, resolution, args) if data is not None else None
+    calibration = None
+    if args.precision == "int8" and arrays is not None:
+        calibration = calibration_batches(arrays["train"], args.calibration_images)
+    verified = verified_onnx(supernet.extract(arch, resolution), supernet.input_shape(1, resolution),
+                             args.precision, calibration)
     if out_is_dir:
-        out = storage.join(out, f"{space.name}-{hashlib.sha256(arch.to_json().encode()).hexdigest()[:12]}.onnx")
-    result = export_onnx(subnet, supernet.input_shape(1, resolution), out)
-    print(json.dumps({"space": space.name, "arch": arch.to_dict(), **result, **supernet.cost(arch, resolution)}))
+        digest = hashlib.sha256(arch.to_json().encode()).hexdigest()[:12]
+        suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+        out = storage.join(out, f"{space.name}-{digest}{suffix}.onnx")
+    storage.write_bytes(out, verified.model)
+    calibrated_on = None
+    if args.precision == "int8":
+        calibrated_on = (f"{sum(len(b) for b in calibration)} training images" if calibration is not None
+                         else "seeded inputs (fit for latency only)")
+    print(json.dumps({"space": space.name, "arch": arch.to_dict(), "path": out, **verified.info,
+                      "calibration": calibrated_on, **_accuracy_fields(verified, arrays, data, data_from),
+                      **supernet.cost(arch, resolution)}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,9 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True)
     p.add_argument("--arch", required=True, help="JSON object or a file holding one")
     p.add_argument("--out", required=True, help="the .onnx file, or a directory (a local path or a URI such as "
-                   "s3://bucket/prefix) that receives <space>-<arch digest>.onnx")
+                   "s3://bucket/prefix) that receives <space>-<arch digest>[-<precision>].onnx")
     p.add_argument("--checkpoint", help="supernet checkpoint (a local path or a URI)")
     p.add_argument("--resolution", type=integer(8))
+    p.add_argument("--precision", type=_precision, default="fp32",
+                   help="fp32 (default), fp16 or int8: the precision the board runs; fp16 converts the verified "
+                   "FP32 graph, int8 is static QDQ quantization (per-channel weights) calibrated on training images")
+    p.add_argument("--calibration-images", type=POSITIVE, default=64, dest="calibration_images",
+                   help="training images that calibrate INT8 activation ranges")
+    p.add_argument("--data", help="data for calibration (training split) and accuracy (validation split): a "
+                   "dataset name, JSON object or YAML with a data section; default: the data the checkpoint's "
+                   "run trained on (its config.yaml)")
+    p.add_argument("--bn-samples", type=POSITIVE, default=2048, dest="bn_samples",
+                   help="training images that recalibrate the subnet's BatchNorm statistics when there is data")
     p.set_defaults(func=cmd_export, num_classes=None)
 
     for register in _extension_commands():

@@ -136,3 +136,135 @@ def test_cli_export_refuses_an_unwritable_out_before_loading(tmp_path, capsys):
                      str(blocker / "deploy")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--out: " in err[0] and "not writable" in err[0], err
+
+
+# ---- precisions ------------------------------------------------------------------------------------------
+PREC_DATA = {"name": "synthetic", "num_samples": 128, "num_val_samples": 48, "image_size": 8, "channels": 3,
+             "noise": 0.3}
+
+
+def _trained(steps=40):
+    """A partial pair (trunk, both branches and a learned router reading the trunk) trained for a few
+    steps on the synthetic training images, its router fitted to the pair: well above chance on
+    validation (big ~0.8, little ~0.5), so quantization has accuracy to lose."""
+    from raynas.biglittle.evaluate import fit_router
+
+    torch.manual_seed(0)
+    model = CoupledSupernet(tiny_space(), "partial", splits=[2, 4], router="learned", router_hidden=8)
+    data = eval_data(PREC_DATA, 16, 3, bn_samples=128)
+    pair = model.pair_space.extreme_pair()
+    (x, y), = list(data.bn_loader)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        out = model.forward_pair(x, pair)
+        loss = torch.nn.functional.cross_entropy(out.big, y) + torch.nn.functional.cross_entropy(out.little, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fit_router(model, pair, data, data.bn_loader, epochs=20)
+    return model, data
+
+
+def _op_types(path):
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_precisions_table_on_local_cpu(ray_local, tmp_path, capsys):
+    import onnx
+    import pandas as pd
+
+    model, data = _trained()
+    ckpt = save_coupled(model, tmp_path / "supernet.pt")
+    out = tmp_path / "precisions"
+    assert cli_main(["biglittle", "precisions", "--checkpoint", str(ckpt), "--data", json.dumps(PREC_DATA),
+                     "--bn-samples", "128", "--tau", "0.7", "--calibration-images", "96", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    table = pd.read_parquet(out / "precisions.parquet")
+    assert table.to_dict("records") == printed["rows"]
+    assert [(r["precision"], r["model"]) for r in printed["rows"]] == [
+        (p, m) for p in ("fp32", "int8") for m in ("big", "little", "routed")]  # local-cpu runs fp32 and int8
+    assert "| local-cpu | int8 | routed |" in (out / "precisions.md").read_text()
+    assert (table["size_mb"] > 0).all() and (table["latency_ms"] > 0).all() and (table["run_median_ms"] > 0).all()
+    assert (table["inputs"] == 48).all()
+    by = table.set_index(["precision", "model"])
+    assert by.loc[("fp32", "big"), "accuracy"] >= 0.6  # trained: the comparison means something
+    for m in ("big", "little", "routed"):
+        assert abs(by.loc[("int8", m), "accuracy"] - by.loc[("fp32", m), "accuracy"]) <= 0.15, m
+        assert by.loc[("int8", m), "accuracy_vs_fp32"] == pytest.approx(
+            by.loc[("int8", m), "accuracy"] - by.loc[("fp32", m), "accuracy"])
+        assert by.loc[("fp32", m), "latency_vs_fp32"] == 1.0
+    # the pair is every file; each model its trunk and branch
+    fp32 = read_manifest(out / "fp32")
+    assert by.loc[("fp32", "routed"), "size_mb"] == pytest.approx(sum(fp32["size_mb"].values()))
+    assert by.loc[("fp32", "big"), "size_mb"] == pytest.approx(fp32["size_mb"]["trunk"] + fp32["size_mb"]["big"])
+    assert by.loc[("fp32", "big"), "latency_ms"] == pytest.approx(fp32["piece_ms"]["trunk"] + fp32["piece_ms"]["big"])
+
+    # the int8 export: QDQ pieces (the router and branches calibrated on the trunk's output), recorded as such
+    int8 = read_manifest(out / "int8")
+    assert int8["precision"] == "int8" and int8["calibration_images"] == 96 and int8["measured_on"] == "local-cpu"
+    for which, name in int8["files"].items():
+        if name:
+            assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(out / "int8" / name), which
+            onnx.checker.check_model(str(out / "int8" / name))
+    assert "QuantizeLinear" not in _op_types(out / "fp32" / "big.onnx")
+    assert int8["validation_deployed"]["accuracy"] == pytest.approx(by.loc[("int8", "routed"), "accuracy"])
+
+    # int8 answers as fp32 does on most inputs, branch by branch
+    images = np.concatenate([x.numpy() for x, _ in data.val_loader])
+    got = RoutedRunner(out / "int8").predict_batch(images)
+    want = RoutedRunner(out / "fp32").predict_batch(images)
+    for which in ("little", "big"):
+        assert (got[which] == want[which]).mean() >= 0.8, which
+
+    # `run` of the int8 pair on the device reports its precision
+    assert cli_main(["biglittle", "run", "--models", str(out / "int8"), "--data", json.dumps(PREC_DATA),
+                     "--device", "local-cpu", "--limit", "8", "--no-references"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["precision"] == "int8" and run["inputs"] == 8
+
+
+def test_fp16_export_keeps_float32_io_and_answers(ray_local, tmp_path):
+    """FP16 (for a device that runs it; not timed here): every piece converted, inputs and outputs float32,
+    and the runner's answers those of the FP32 export."""
+    import onnx
+
+    model = _model("partial", "learned")
+    data = eval_data(DATA, 16, 3, bn_samples=64)
+    pair = model.pair_space.extreme_pair()
+    m16 = export_pair(model, pair, data, tmp_path / "fp16", 0.5, measure_device=None, precision="fp16")
+    export_pair(model, pair, data, tmp_path / "fp32", 0.5, measure_device=None)
+    assert m16["precision"] == "fp16" and m16["calibration_images"] is None
+    for which, name in m16["files"].items():
+        if name:
+            g = onnx.load(str(tmp_path / "fp16" / name)).graph
+            assert {i.data_type for i in g.initializer if i.data_type in (1, 10)} == {10}, which  # FLOAT16 weights
+            assert g.input[0].type.tensor_type.elem_type == 1 and g.output[0].type.tensor_type.elem_type == 1
+    # half the bytes per weight (the tiniest pieces may grow by the casts at their edges)
+    assert m16["size_mb"]["big"] < 0.7 * read_manifest(tmp_path / "fp32")["size_mb"]["big"]
+    images = np.concatenate([x.numpy() for x, _ in data.val_loader])
+    got = RoutedRunner(tmp_path / "fp16").predict_batch(images)
+    want = RoutedRunner(tmp_path / "fp32").predict_batch(images)
+    assert (got["big"] == want["big"]).mean() >= 0.9 and (got["little"] == want["little"]).mean() >= 0.9
+
+
+def test_precision_the_device_does_not_run_is_one_line(tmp_path, capsys):
+    from raynas.hw.devices import get_device
+
+    with pytest.raises(UserError) as exc:
+        get_device("local-cpu").check_precision("fp16", "--precision")
+    expected = str(exc.value)
+    assert "local-cpu" in expected and "fp16" in expected
+    ckpt = str(tmp_path / "missing.pt")  # refused before the checkpoint is read
+    for argv, flag in ((["export", "--out", str(tmp_path / "d"), "--precision", "fp16"], "--precision"),
+                       (["precisions", "--out", str(tmp_path / "p"), "--precisions", "fp32,fp16"], "--precisions")):
+        assert cli_main(["biglittle", *argv, "--checkpoint", ckpt]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(expected.replace("--precision:", f"{flag}:")), err
+    assert cli_main(["biglittle", "export", "--checkpoint", ckpt, "--out", str(tmp_path / "d"), "--precision",
+                     "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "--precision: " in err and "fp32" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists() and not (tmp_path / "p").exists()

@@ -489,7 +489,7 @@ def test_pipeline_profiles_every_device_present(two_nodes, tiny_yaml, devices_ya
     assert summary["nodes"]["a"]["node_id"] == two_nodes["head"]
     assert summary["nodes"]["b"]["node_id"] == two_nodes["worker"]
     per_device = summary["spaces"]["tiny-mbv3"]
-    assert set(per_device) == {"a", "b"} and all(d["blocks"] == 10 and d["calibration_n"] == 3
+    assert set(per_device) == {"a", "b"} and all(d["fp32"]["blocks"] == 10 and d["fp32"]["calibration_n"] == 3
                                                  for d in per_device.values())
     table, meta = read_lut(tmp_path / "tiny-mbv3.lut.parquet")
     assert sorted(set(table["device"])) == ["a", "b"] and len(meta) == 2

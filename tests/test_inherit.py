@@ -71,7 +71,8 @@ def test_common_subnet_is_identical_after_inheritance(spaces, tmp_path):
     path = save_supernet(src, tmp_path / "s.pt")
     space = load_space(spaces["tiny-xs"])
     options = InheritStrategy.validate_options({"init_from": str(path), "base": {"name": "sandwich", "num_random": 1}})
-    assert options["base"] == {"name": "sandwich", "num_random": 1, "temperature": 1.0}
+    assert options["base"] == {"name": "sandwich", "num_random": 1, "temperature": 1.0, "distill": "logits",
+                               "feature_weight": 1.0}
     strategy = InheritStrategy(space, options, seed=0)
     assert strategy.name == "sandwich+inherit" and strategy.teacher_arch() == space.max_arch()
     dst = strategy.prepare_model(build_supernet(space)).eval()

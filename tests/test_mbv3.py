@@ -25,6 +25,7 @@ def base_cfg() -> dict:
 
 def variant(**changes) -> dict:
     cfg = base_cfg()
+    cfg.pop("references")  # the reference models need not be subnets of a variant's table
     cfg.update(changes)
     return cfg
 

@@ -286,6 +286,7 @@ def _tiny_cfg(cfg, resolution=32):
     """A small declared variant of the same structure (16k raw archs, so exhaustive enumeration is cheap)."""
     tiny = copy.deepcopy(cfg)
     tiny.update(name="scanedge-tiny", resolution=resolution, num_classes=5)
+    tiny.pop("references")  # EfficientFormerV2-S0 is not a subnet of the tiny table
     layout = [  # width, depths, ffn types, MHSA activations
         ([8], [1], ["unified", "fused"], None),
         ([16], [1], ["fused"], None),

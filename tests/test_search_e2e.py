@@ -144,9 +144,9 @@ def job(ray_local, checkpoint, lut, devices_file, workdir):
 
     marker = workdir / "actor_died"
 
-    def pool_with_a_dying_actor(checkpoint_path, config, actor_cls=SubnetEvaluator):
-        config = DyingEvaluatorConfig(**asdict(config), marker=str(marker))
-        return make_evaluator_pool(checkpoint_path, config, actor_cls=DyingEvaluator)
+    def pool_with_a_dying_actor(checkpoint_path, config, actor_cls=SubnetEvaluator, method="evaluate"):
+        config = DyingEvaluatorConfig(**{**asdict(config), "deploy": config.deploy}, marker=str(marker))
+        return make_evaluator_pool(checkpoint_path, config, actor_cls=DyingEvaluator, method=method)
 
     cfg = search_config(workdir / "search", checkpoint, lut, devices_file)
     with pytest.MonkeyPatch.context() as patch:  # real actors of a subclass; the pool and runner unchanged
@@ -210,8 +210,12 @@ def test_exported_onnx_matches_pytorch_and_is_measured(job, checkpoint):
     assert len(exported) == min(TOP_K, summary["front"])
     assert (exported["measured_ms"] > 0).all() and (exported["latency_ms"] > 0).all()
     assert (exported["measured_runs"] >= 50).all() and (exported["device"] == "local-cpu").all()
-    supernet = load_supernet(checkpoint)
-    space = supernet.space
+    assert (exported["precision"] == "fp32").all()
+    # The deployed model answers as the search scored it: fp32 ONNX accuracy == the supernet's (up to one
+    # of the ~360 validation images whose top two logits tie within float rounding).
+    np.testing.assert_allclose(exported["accuracy_deployed"], exported["accuracy"], atol=0.003)
+    local = SubnetEvaluator(checkpoint.read_bytes(), EvaluatorConfig(data=DATA, bn_samples=256, batch_size=256))
+    space = local.supernet.space
     val = eval_dataset(DATA, "val", space.resolution, space.in_channels)
     images = next(iter(Batches(val, 4, "cpu", Normalizer(*normalization(DATA, space.in_channels)))))[0]
     for rec in exported.to_dict("records"):
@@ -219,7 +223,9 @@ def test_exported_onnx_matches_pytorch_and_is_measured(job, checkpoint):
         onnx.checker.check_model(onnx.load(str(path)))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        subnet = supernet.extract(Arch.from_json(rec["arch"])).eval()
+        # Exported with the subnet's own recalibrated BN statistics, as the evaluator scored it.
+        local.evaluate(rec["arch"])
+        subnet = local.supernet.extract(Arch.from_json(rec["arch"])).eval()
         for x in images:
             x = x.unsqueeze(0)
             with torch.no_grad():
@@ -294,3 +300,43 @@ def test_accuracy_predictor_fits_when_ranks_are_undefined():
     predictor = AccuracyPredictor(space, epochs=20).fit(archs, [0.5] * len(archs))
     assert np.isnan(predictor.spearman)
     assert np.allclose(predictor.predict(archs[:3]), 0.5)
+
+
+# ---- deployed at the board's precision ------------------------------------------------------------------------
+def test_int8_deployment_predicts_exports_and_scores_at_int8(ray_local, checkpoint, lut, devices_file, workdir):
+    """`deploy: {precision: int8, quantized_accuracy: true}`: the latency objective is the int8 model's (an
+    int8 group beside the fp32 one in the same LUT), each candidate's accuracy is that of its INT8 ONNX in
+    onnxruntime, and the exported front members are INT8 QDQ graphs scoring what their records say."""
+    from raynas.end_to_end.hw_nas import profile_device
+    from raynas.hw.latency import load_latency_model
+    from raynas.hw.onnx_accuracy import labelled_arrays, onnx_accuracy
+    from raynas.search.runner import run_search_job
+
+    supernet = load_supernet(checkpoint)
+    profile_device(supernet, "local-cpu", lut, calibration_n=4, devices_file=str(devices_file), max_archs=3000,
+                   patience=600, precision="int8")
+    groups = pd.read_parquet(lut).groupby("precision").size().to_dict()
+    assert groups == {"fp32": 131, "int8": 131}
+    cfg = search_config(workdir / "int8", checkpoint, lut, devices_file, budget=6, params={"population": 3})
+    cfg["deploy"] = {"precision": "int8", "quantized_accuracy": True, "calibration_images": 32}
+    cfg["export"]["top_k"] = 1
+    summary = run_search_job(validate_search_config(cfg))
+    assert summary["precision"] == "int8"
+
+    df = evaluations(summary["run_dir"])
+    int8_model = load_latency_model("lut", lut, supernet=supernet, device="local-cpu",
+                                    devices_file=str(devices_file), precision="int8")
+    for row in df.itertuples():
+        assert row.latency_ms == pytest.approx(int8_model.predict(Arch.from_json(row.arch)))
+    assert df["accuracy"].between(0, 1).all() and df["accuracy_supernet"].between(0, 1).all()
+    assert (df["accuracy"] - df["accuracy_supernet"]).abs().max() < 0.15  # int8 costs little on digits
+
+    (rec,) = pd.read_parquet(Path(summary["run_dir"]) / "exported.parquet").to_dict("records")
+    assert rec["precision"] == "int8" and rec["measured_ms"] > 0
+    graph = onnx.load(str(Path(summary["run_dir"]) / rec["onnx"]))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.graph.node}
+    space = supernet.space
+    val = eval_dataset(DATA, "val", space.resolution, space.in_channels)
+    images, labels = labelled_arrays(Batches(val, 256, "cpu", Normalizer(*normalization(DATA, space.in_channels))))
+    assert onnx_accuracy(graph.SerializeToString(), images, labels) == pytest.approx(rec["accuracy_deployed"])
+    assert rec["accuracy_deployed"] == pytest.approx(df.set_index("arch").loc[rec["arch"], "accuracy"])

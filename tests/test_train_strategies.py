@@ -105,3 +105,19 @@ def test_registry():
         get_strategy_class("fair").validate_options({"m": 3})
     with pytest.raises(ConfigError, match=r"strategy\.temperature: got 'hot'"):
         get_strategy_class("sandwich").validate_options({"temperature": "hot"})
+    with pytest.raises(ConfigError, match=r"^strategy\.distill: 'features' is not allowed; allowed: \['none'"):
+        get_strategy_class("sandwich").validate_options({"distill": "features"})
+    with pytest.raises(ConfigError, match=r"strategy\.feature_weight"):
+        get_strategy_class("biglittle").validate_options({"feature_weight": -1.0})
+
+
+def test_sandwich_without_distillation_trains_students_on_labels(tiny_nb201_yaml):
+    torch.manual_seed(0)
+    space = load_space(tiny_nb201_yaml)
+    strategy = build_strategy({"name": "sandwich", "num_random": 1, "distill": "none"}, space, seed=0)
+    model = build_supernet(space)
+    metrics = strategy.train_step(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)), _context(model))
+    assert {"smallest_label_loss", "student_label_loss"} <= set(metrics) and "student_kd_loss" not in metrics
+    assert metrics["loss"] == pytest.approx(metrics["teacher_loss"] + 2 * metrics["student_label_loss"])
+    assert "progressive_phase" not in metrics  # off unless asked for
+    assert "progressive" not in strategy.options

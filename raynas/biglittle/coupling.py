@@ -34,7 +34,7 @@ from raynas.biglittle.pairspace import PairSpace, build_pair_space, is_pair
 from raynas.biglittle.routers import PRE, Router, build_router
 from raynas.errors import ConfigError
 from raynas.space import Arch, SearchSpace
-from raynas.supernets.base import Block, Composite, Supernet
+from raynas.supernets.base import Block, Composite, StageFeatures, Supernet
 
 CONFIG_BUFFER = "biglittle_config"
 FORMAT = "raynas-biglittle/1"
@@ -98,7 +98,7 @@ def _sequential(blocks: list[Block], prefix: nn.Module | None = None) -> nn.Sequ
     return nn.Sequential(*modules)
 
 
-class CoupledSupernet(nn.Module, Composite):
+class CoupledSupernet(nn.Module, Composite, StageFeatures):
     """Big and little supernets (one shared in `nested`) plus a router; see the module docstring."""
 
     description = "a big/little pair (load it with `raynas biglittle`)"
@@ -185,23 +185,43 @@ class CoupledSupernet(nn.Module, Composite):
             return t
         return self.little_supernet.forward_stem(x, lay.little)
 
+    def router_logit(self, features: torch.Tensor) -> torch.Tensor | None:
+        if self.router.stage != PRE:
+            return None
+        return self.router(features.detach() if self.detach_router_input else features)
+
     def forward_pair(self, x: torch.Tensor, pair: Mapping[str, Any], *, run_big: bool = True,
                      run_little: bool = True) -> PairOutput:
         lay = self.layout(pair)
         t = self.trunk(x, lay)
         features = self.router_features(x, t, lay)
-        router_logit = None
-        if self.router.stage == PRE:
-            router_logit = self.router(features.detach() if self.detach_router_input else features)
+        router_logit = self.router_logit(features)
         big = self.big_logits(x, t, lay) if run_big else None
         little = self.little_logits(x, t, lay) if run_little else None
         return PairOutput(big, little, router_logit, features)
 
-    def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None, *, features: bool = False):
+        if features:
+            return self.forward_features(x, arch)
         if is_pair(arch):
             out = self.forward_pair(x, arch)
             return pack(out.big, out.little, out.router_logit)
         return self.big_net(x, arch)
+
+    def forward_features(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None):
+        """For feature distillation. A pair: (packed logits, (big's stage outputs, little's)), the stages
+        that end inside the branches (after the trunk), so both lists name the same stages. A base arch:
+        the big supernet's (logits, stage outputs)."""
+        if not is_pair(arch):
+            return self.big_net.forward_features(x, arch)
+        lay = self.layout(arch)
+        t = self.trunk(x, lay)
+        router_logit = self.router_logit(self.router_features(x, t, lay))
+        big, big_stages = _branch_features(self.big_net, x, t, lay.big, lay.split)
+        if t is not None and lay.little_in < t.shape[1]:
+            t = t[:, : lay.little_in]
+        little, little_stages = _branch_features(self.little_supernet, x, t, lay.little, lay.split)
+        return pack(big, little, router_logit), (big_stages, little_stages)
 
     # ---- cost and extraction -------------------------------------------------------------------
     def cost_parts(self, pair: Mapping[str, Any]) -> dict[str, dict[str, int]]:
@@ -258,6 +278,14 @@ class CoupledSupernet(nn.Module, Composite):
         if self.router.stage != PRE:
             return None
         return self.router.static(self.layout(pair).router_channels).eval()
+
+
+def _branch_features(net: Supernet, x: torch.Tensor, t: torch.Tensor | None, arch: Arch, split: int):
+    """(logits, stage outputs) of one branch: from the image when there is no trunk, else from the trunk's output."""
+    if t is None:
+        return net.forward_features(x, arch)
+    h, stages = net.forward_slot_features(t, arch, split)
+    return net.forward_head(h, arch), stages
 
 
 def _channels_at(plan, split: int) -> int:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raynas.biglittle import analysis
+from raynas.biglittle.analysis import ECE_BINS
 from raynas.biglittle.costs import PairCosts
 
 BASELINES = ("always-big", "always-little", "random", "oracle")
@@ -32,18 +34,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE: sum over confidence bins of |accuracy - mean confidence| weighted by the bin's share."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = index == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE of a softmax: sum over confidence bins of |accuracy - mean confidence| weighted by the bin's share."""
+    return analysis.expected_calibration_error(probs.max(axis=1), probs.argmax(axis=1) == labels, bins)
 
 
 @dataclass

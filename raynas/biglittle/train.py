@@ -19,6 +19,11 @@ never distorts the shared features):
     term (NACHOS-style), which pushes easy inputs to little.
 The confidence router has no parameters: L_router = 0.
 
+`distill` (raynas.train.strategies.distill): `logits` is the beta KD term above; `none` drops it;
+`logits+features` adds `feature_weight` * attention-transfer loss between big's and little's stage
+outputs (big's detached, like its logits). `progressive` (OFA progressive shrinking): in each phase
+both members of every sampled pair draw only the dims released so far (the others at their largest).
+
 `single-arch`: trains one fixed architecture alone (label CE): the independently trained models of the
 seed's critical baseline (an independently trained cascade of the same two architectures).
 """
@@ -34,12 +39,14 @@ import torch
 import torch.nn.functional as F
 
 from raynas.biglittle.coupling import CoupledSupernet, unpack
-from raynas.biglittle.pairspace import COUPLINGS
+from raynas.biglittle.pairspace import BIG, COUPLINGS, LITTLE
 from raynas.biglittle.routers import ROUTERS, confidence_score, gumbel_decision, straight_through_decision
 from raynas.errors import ConfigError
 from raynas.space import Arch, SearchSpace
 from raynas.train.losses import accuracy, label_loss, soft_target_loss
+from raynas.train.samplers import smallest_arch, uniform_arch
 from raynas.train.strategies.base import StepContext, Strategy
+from raynas.train.strategies.distill import DISTILL_DEFAULTS, check_distill, feature_loss, uses_features, uses_logits
 
 ESTIMATORS = ("gumbel", "ste")
 
@@ -60,7 +67,9 @@ class BigLittleStrategy(Strategy):
         # reporting only: the routed accuracy per step is measured at this threshold, and
         # score = routed_acc - score_cost_penalty * E[MACs] / MACs(big) (what `raynas tune` ranks)
         "tau": 0.5, "score_cost_penalty": 0.1,
+        **DISTILL_DEFAULTS,
     }
+    PROGRESSIVE = True
 
     @classmethod
     def check(cls, options: dict[str, Any], where: str) -> None:
@@ -87,6 +96,7 @@ class BigLittleStrategy(Strategy):
             raise ConfigError(f"{where}.num_random: expected an integer >= 0, got {options['num_random']}")
         if options["router_hidden"] < 1:
             raise ConfigError(f"{where}.router_hidden: expected an integer >= 1, got {options['router_hidden']}")
+        check_distill(options, where)
 
     def __init__(self, space: SearchSpace, options: Mapping[str, Any], seed: int):
         super().__init__(space, options, seed)
@@ -106,6 +116,7 @@ class BigLittleStrategy(Strategy):
         return self.space.max_arch()
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        super().on_epoch_start(epoch, num_epochs)
         warm_epochs = math.ceil(self.options["router_warmup"] * num_epochs)
         self.relaxed = self.options["router"] == "learned" and epoch >= warm_epochs
 
@@ -116,12 +127,13 @@ class BigLittleStrategy(Strategy):
         o, num_classes = self.options, self.space.num_classes
         router = self.model.router
 
-        def loss_fn(packed: torch.Tensor) -> torch.Tensor:
+        def loss_fn(packed: torch.Tensor, stages: tuple[list, list] | None = None) -> torch.Tensor:
             big, little, router_logit = unpack(packed, num_classes)
             ce_big = F.cross_entropy(big, y, label_smoothing=label_smoothing)
             ce_little_each = F.cross_entropy(little, y, reduction="none")
             ce_little = ce_little_each.mean()
-            kd = soft_target_loss(big.detach(), o["temperature"])(little)
+            zero = torch.zeros((), device=packed.device)
+            kd = soft_target_loss(big.detach(), o["temperature"])(little) if uses_logits(o) else zero
             router_loss = torch.zeros((), device=packed.device)
             if router.trainable:
                 if self.relaxed:
@@ -141,6 +153,11 @@ class BigLittleStrategy(Strategy):
             total = ce_big + o["alpha"] * ce_little + o["beta"] * kd + o["gamma"] * router_loss
             parts.update(ce_big=float(ce_big.detach()), ce_little=float(ce_little.detach()), kd=float(kd.detach()),
                          router_loss=float(router_loss.detach()))
+            if stages is not None:  # distill: logits+features
+                big_stages, little_stages = stages
+                feature_kd = feature_loss(little_stages, [f.detach() for f in big_stages])
+                total = total + o["feature_weight"] * feature_kd
+                parts["feature_kd"] = float(feature_kd.detach())
             return total
 
         return loss_fn
@@ -162,11 +179,23 @@ class BigLittleStrategy(Strategy):
                 "routed_train_acc": routed_acc, "little_ratio": ratio, "e_macs_frac": e_frac,
                 "score": routed_acc - self.options["score_cost_penalty"] * e_frac}
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, float]:
+    def archs(self, epoch: int) -> list[Arch]:
+        """The pairs one step of `epoch` trains: the sandwich pair (largest big, smallest little), then
+        `num_random` random pairs; progressive shrinking holds the unreleased dims of both members."""
         ps = self.model.pair_space
+        held = self.held_dims(epoch)
+        if not held:
+            return [ps.extreme_pair(self.rng), *(ps.sample(self.rng) for _ in range(self.options["num_random"]))]
+        split = ps.extreme_pair(self.rng).get("split")  # the same draw as without shrinking
+        extreme = ps.make(ps.base.max_arch(), smallest_arch(ps.base, held), split)
+        pair_held = frozenset(prefix + d for d in held for prefix in (BIG, LITTLE))
+        return [extreme, *(uniform_arch(ps, self.rng, pair_held) for _ in range(self.options["num_random"]))]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, float]:
         self.model.detach_router_input = self.options["detach_router_input"]
-        pairs = [ps.extreme_pair(self.rng), *(ps.sample(self.rng) for _ in range(self.options["num_random"]))]
-        metrics: dict[str, float] = {}
+        pairs = self.archs(ctx.epoch)
+        features = uses_features(self.options)
+        metrics: dict[str, float] = self.progress_metrics(ctx.epoch)
         total = 0.0
         for i, pair in enumerate(pairs):
             cost = self.model.cost_parts(pair)
@@ -174,7 +203,10 @@ class BigLittleStrategy(Strategy):
             macs_big = float(cost["trunk"]["macs"] + cost["big"]["macs"])
             parts: dict[str, float] = {}
             loss_fn = self.joint_loss(y, ctx.label_smoothing, macs_little, macs_big, parts)
-            packed, loss = ctx.forward_backward(x, pair, loss_fn, sync=i == len(pairs) - 1)
+            if features:
+                packed, _, loss = ctx.forward_backward_features(x, pair, loss_fn, sync=i == len(pairs) - 1)
+            else:
+                packed, loss = ctx.forward_backward(x, pair, loss_fn, sync=i == len(pairs) - 1)
             total += float(loss)
             if i == 0:  # the sandwich pair: its terms and routed accuracy are the logged ones
                 metrics.update(parts)

@@ -105,8 +105,9 @@ def validate_pipeline_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def profile_device(supernet, device: str, lut: str, calibration_n: int, devices_file: str | None,
                    max_archs: int, patience: int, owned: bool = False, method: str = "isolated",
-                   appearances: int = 2) -> dict[str, Any]:
-    """Build (or extend) the block LUT of `supernet`'s space on `device` and calibrate it end to end.
+                   appearances: int = 2, precision: str = "fp32") -> dict[str, Any]:
+    """Build (or extend) the block LUT of `supernet`'s space on `device` at `precision` (the search's
+    `deploy.precision`) and calibrate it end to end.
 
     `lut` is a location (path or URI); blocks and a calibration already stored there are reused.
     `owned`: the LUT is the run's own (in its run_dir), so a torn one is set aside and redone (see
@@ -119,14 +120,14 @@ def profile_device(supernet, device: str, lut: str, calibration_n: int, devices_
     from raynas.hw.remote import start_profiler
 
     spec = get_device(device, devices_file)
-    key = TableKey.of(supernet, spec)
+    key = TableKey.of(supernet, spec, precision)
     existing, meta = _redo_if_torn(lambda: read_lut(lut, "profile.lut"), lut, owned) or (empty_table(), {})
     log(f"2/4 profile: LUT {storage.display(lut)}: {len(select(existing, key))} blocks stored")
     profiler = start_profiler(spec)
     try:
         # `out`: measured blocks are stored as the build goes, so a killed pipeline's re-run measures the rest only.
         rows, new_meta = build_lut(supernet, [profiler], existing, meta, max_archs=max_archs, patience=patience,
-                                   out=lut, method=method, appearances=appearances)
+                                   out=lut, method=method, appearances=appearances, precision=precision)
         group = new_meta[key.id]
         log(f"2/4 profile: LUT complete: {group['measured']} blocks measured, {group['reused']} reused")
         calibration = calibration_path(lut)
@@ -134,7 +135,7 @@ def profile_device(supernet, device: str, lut: str, calibration_n: int, devices_
         calibrated = record is None or record["n"] < calibration_n
         if calibrated:
             log(f"2/4 profile: calibration: measuring {calibration_n} subnets end to end")
-            record = calibrate(supernet, select(rows, key), profiler, n=calibration_n)
+            record = calibrate(supernet, select(rows, key), profiler, n=calibration_n, precision=precision)
             save_calibration(calibration, key, record)
         else:
             log(f"2/4 profile: calibration: stored ({record['n']} subnets)")
@@ -218,7 +219,8 @@ def run_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     p = cfg["profile"]
     summary.update(profile_device(supernet, p["device"], cfg["search"]["latency"]["lut"], p["calibration_n"],
                                   p["devices_file"], p["max_archs"], p["patience"], owned=p["lut"] is None,
-                                  method=p["method"], appearances=p["appearances"]))
+                                  method=p["method"], appearances=p["appearances"],
+                                  precision=cfg["search"]["deploy"]["precision"]))
     summary["profile_s"] = round(time.time() - t0, 1)
 
     log("3/4 search + 4/4 export and report")

@@ -3,7 +3,8 @@
 Machine-readable JSON goes to stdout (one object; one per line when several devices are given), progress
 to stderr. Without `--address` / `RAY_ADDRESS`, a local Ray is started whose node is labelled
 `device=local-cpu`. `--lut`, `--out`, `--calibration` and `--save` are local paths or URIs (s3://...),
-read and written through raynas.storage.
+read and written through raynas.storage. `--precision` (default fp32) is the precision the device runs the
+models at: LUT groups and calibrations are kept per precision, side by side in the same files.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def _common(p: argparse.ArgumentParser, lut_required: bool) -> None:
                    help="declared device name (cluster/devices.yaml); several comma-separated run in parallel")
     if lut_required:
         p.add_argument("--lut", required=True, help="the LUT Parquet file built by `raynas profile lut` (path or URI)")
+    p.add_argument("--precision", default="fp32",
+                   help="precision the device runs the models at: fp32, fp16 or int8, one the device declares "
+                   "(each device converts the exported FP32 models itself; default fp32)")
     p.add_argument("--resolution", type=integer(8), help="input resolution (default: the space's)")
     p.add_argument("--num-classes", type=POSITIVE)
     p.add_argument("--checkpoint", help="supernet checkpoint (weights barely change latency; optional)")
@@ -98,7 +102,10 @@ def _devices(args) -> list:
     names = list(dict.fromkeys(n.strip() for n in args.device.split(",") if n.strip()))
     if not names:
         raise UserError("--device: expected a device name, e.g. local-cpu")
-    return [get_device(n, args.devices_file) for n in names]
+    devices = [get_device(n, args.devices_file) for n in names]
+    for d in devices:  # before any file is read or Ray started
+        d.check_precision(args.precision, "--precision")
+    return devices
 
 
 def _supernet(args):
@@ -161,13 +168,13 @@ def _emit(objects: list[dict]) -> None:
         print(json.dumps(obj))
 
 
-def _group(lut: str, supernet, device):
+def _group(lut: str, supernet, device, precision: str):
     from raynas.hw.lut import TableKey, load_group
 
     if not storage.is_file(lut):
         raise UserError(f"--lut: file {storage.display(lut)} does not exist; build it with "
                         f"`raynas profile lut --out {lut}`")
-    return load_group(lut, TableKey.of(supernet, device))
+    return load_group(lut, TableKey.of(supernet, device, precision))
 
 
 # ---- commands ----------------------------------------------------------------------------------------------
@@ -202,13 +209,13 @@ def cmd_lut(args) -> None:
         rows, meta = build_lut(supernet, profilers, existing, existing_meta, seed=args.seed,
                                max_archs=args.max_archs, patience=args.patience, passes=args.passes,
                                show_progress=not args.quiet, out=args.out, method=args.method,
-                               appearances=args.appearances)
+                               appearances=args.appearances, precision=args.precision)
         nodes = {p.device.name: p.node for p in profilers}
     out = []
     for info in meta.values():
         node = nodes[info["device"]]
-        out.append({**{k: info[k] for k in ("space", "device", "runtime", "resolution", "num_classes", "blocks",
-                                             "measured", "reused", "archs_scanned")},
+        out.append({**{k: info[k] for k in ("space", "device", "runtime", "resolution", "num_classes", "precision",
+                                             "blocks", "measured", "reused", "archs_scanned")},
                     "lut_build_s": info["build_s"], "out": str(args.out), "node_id": node["node_id"],
                     "hostname": node["hostname"]})
     _emit(out)
@@ -221,22 +228,22 @@ def cmd_calibrate(args) -> None:
 
     devices = _devices(args)
     supernet = _supernet(args)
-    tables = {d.name: _group(args.lut, supernet, d)[0] for d in devices}
+    tables = {d.name: _group(args.lut, supernet, d, args.precision)[0] for d in devices}
     out_path, what = (args.out, "--out") if args.out else (calibration_path(args.lut), "calibration")
     # Before measuring: a foreign file there would refuse the result; an unwritable location too.
     for d in devices:
-        load_calibration(out_path, TableKey.of(supernet, d), what)
+        load_calibration(out_path, TableKey.of(supernet, d, args.precision), what)
     storage.check_writable(storage.parent(out_path), what)
     with _ray(args), _profilers(devices) as profilers:
         records = calibrate_many(supernet, tables, profilers, args.n, args.seed, show_progress=not args.quiet,
-                                 passes=args.passes)
+                                 passes=args.passes, precision=args.precision)
     out = []
     for d in devices:
-        key, record = TableKey.of(supernet, d), records[d.name]
+        key, record = TableKey.of(supernet, d, args.precision), records[d.name]
         save_calibration(out_path, key, record, what)
         lut = record["models"]["lut"]["calibration"]
         out.append({"space": key.space, "device": key.device, "runtime": key.runtime, "resolution": key.resolution,
-                    "num_classes": key.num_classes, "n": record["n"], "kappa": lut["slope"],
+                    "num_classes": key.num_classes, "precision": key.precision, "n": record["n"], "kappa": lut["slope"],
                     "epsilon": lut["intercept"], "calibration": str(out_path),
                     "models": {k: {**v["calibration"], "fit": v["fit"]} for k, v in record["models"].items()},
                     "measured_ms": record["measured_ms"], "hostname": record["hostname"]})
@@ -250,12 +257,12 @@ def cmd_validate(args) -> None:
 
     devices = _devices(args)
     supernet = _supernet(args)
-    groups = {d.name: _group(args.lut, supernet, d) for d in devices}
+    groups = {d.name: _group(args.lut, supernet, d, args.precision) for d in devices}
     tables = {name: g[0] for name, g in groups.items()}
     build_s = {name: g[1].get("build_s") for name, g in groups.items()}
     calib_path, what = (args.calibration, "--calibration") if args.calibration else \
         (calibration_path(args.lut), "calibration")
-    keys = {d.name: TableKey.of(supernet, d) for d in devices}
+    keys = {d.name: TableKey.of(supernet, d, args.precision) for d in devices}
     calibrations = {name: load_calibration(calib_path, key, what) for name, key in keys.items()}
     if args.save:
         storage.check_writable(storage.parent(args.save), "--save")
@@ -265,23 +272,24 @@ def cmd_validate(args) -> None:
             print(f"raynas: no calibration in {storage.display(calib_path)} for {[p.device.name for p in missing]}; "
                   f"measuring {args.calibration_n} subnets to make one", file=sys.stderr)
             made = calibrate_many(supernet, tables, missing, args.calibration_n, args.seed,
-                                  show_progress=not args.quiet, passes=args.passes)
+                                  show_progress=not args.quiet, passes=args.passes, precision=args.precision)
             for name, record in made.items():
                 save_calibration(calib_path, keys[name], record, what)
                 calibrations[name] = record
         results = validate_many(supernet, tables, calibrations, profilers, args.n, args.seed, build_s,
-                                show_progress=not args.quiet, passes=args.passes, recheck=args.recheck)
+                                show_progress=not args.quiet, passes=args.passes, recheck=args.recheck,
+                                precision=args.precision)
     if args.save:
         import pandas as pd
 
-        frames = [rows.assign(device=name) for name, (_, rows) in results.items()]
+        frames = [rows.assign(device=name, precision=args.precision) for name, (_, rows) in results.items()]
         storage.write_pandas(args.save, pd.concat(frames, ignore_index=True))
     summaries = [results[d.name][0] for d in devices]
     if args.json:
         _emit(summaries)
         return
     for s in summaries:
-        print(f"{s['space']} on {s['device']} ({s['runtime']}), {s['n']} held-out subnets, "
+        print(f"{s['space']} on {s['device']} ({s['runtime']}, {s['precision']}), {s['n']} held-out subnets, "
               f"calibrated on {s['calibration_n']}, LUT build {s['lut_build_s']} s")
         for kind, m in s["models"].items():
             print(f"  {kind:<7} spearman={m['spearman']}  mape={m['mape']}%  within10={m['within10']}")

@@ -97,8 +97,9 @@ class MeasurementProtocol:
 @dataclass(frozen=True)
 class EnergySpec:
     """How a device's energy is read: `meter` (one of ENERGY_METERS); `path` the sysfs root or file it reads
-    ("" = the meter's standard place: /sys/class/powercap for rapl, the INA3221 hwmon directory for ina3221;
-    nvml reads GPU `index`); `idle_s` how long idle power is sampled before measuring, to subtract it."""
+    ("" = the meter's standard place: /sys/class/powercap for rapl, the first INA3221 rail directory found
+    for ina3221); `index` the INA3221 rail (from 0) or the NVML GPU; `idle_s` how long idle power is sampled
+    before measuring, to subtract it (raynas.hw.energy)."""
 
     meter: str
     path: str = ""

@@ -6,20 +6,31 @@ whole with onnxruntime's profiler on, and every node's time is credited to the b
 run times all ~30 blocks of a subnet at once, in the cache state and with the neighbours they have in a
 real subnet, and a block is seen in `appearances` different subnets (its entry: the median over them).
 
-The crediting itself happens on the device node (raynas.hw.measure.block_times); here the driver plans
-which subnets to profile and turns their per-block times into LUT records.
+The crediting itself happens on the device node (raynas.hw.measure.block_times, by each node's `/i/`
+scope); here the driver plans which subnets to profile and turns their per-block times into LUT records.
+A subnet converted to another precision on the device gets nodes the exporter never named: onnxruntime's
+quantizer names QuantizeLinear/DequantizeLinear nodes after the tensor they convert, which is scoped for
+activations (`/3/conv/Conv_output_0_QuantizeLinear`) but not for weights (`onnx::Conv_126_DequantizeLinear`,
+`3.2.weight_DequantizeLinear`), and the FP16 converter adds casts at the graph's edges. A weight's node runs
+right before its consumer, i.e. after the previous block's last node, so the execution-order rule would
+credit it to the wrong block; `scope_nodes` names such nodes after the block of the node they feed first.
+That function runs on the device node, so this module imports neither torch nor the supernets at run time.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
-from raynas.space import Arch
-from raynas.supernets.base import Supernet
+if TYPE_CHECKING:
+    from raynas.space import Arch
+    from raynas.supernets.base import Supernet
 
 
 @dataclass
@@ -83,12 +94,50 @@ def rows_in_context(plan: Plan, records: dict[str, dict], wanted: Iterable[str])
         last = max((records[tag] for tag, _ in where), key=lambda r: r["measured_at"])
         q1, median, q3 = np.percentile(times, [25, 50, 75])
         references = [records[tag]["reference_ms"] for tag, _ in where if records[tag].get("reference_ms")]
+        # energy: each context's time share of its subnet's energy (raynas.hw.remote._per_block), median
+        energies = [records[tag]["block_mj"].get(position, 0.0) for tag, position in where
+                    if records[tag].get("block_mj") is not None]
         done[key] = {
             "tag": key, "median_ms": float(median), "iqr_ms": float(q3 - q1), "runs": len(times), "series": 1,
             "clock": "profile", "wall_median_ms": float(median), "passes": last.get("passes", 1),
             "pass_spread": float((max(times) - min(times)) / median) if median else 0.0,
             "reference_ms": float(np.median(references)) if references else None,
             "node_id": last["node_id"], "hostname": last["hostname"], "measured_at": last["measured_at"],
-            "in_context": True,
+            "in_context": True, "energy_mj": float(np.median(energies)) if len(energies) == len(where) else None,
+            "idle_w": last.get("idle_w"),
         }
     return done
+
+
+_SCOPE = re.compile(r"^/\d+/")  # the block scope the exporter gives every node of an nn.Sequential subnet
+
+
+def _scope_of(name: str) -> str | None:
+    match = _SCOPE.match(name)
+    return match.group(0) if match else None
+
+
+def scope_nodes(model_bytes: bytes) -> bytes:
+    """The model with every node that lacks a block scope named into the scope of the first scoped node
+    its outputs feed (a weight's DequantizeLinear: its Conv's block), else of the scoped node whose output
+    it reads (the final DequantizeLinear: the last block's). Nodes already scoped keep their names."""
+    model = onnx.load_from_string(model_bytes)
+    nodes = list(model.graph.node)
+    consumers: dict[str, list[int]] = defaultdict(list)
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for tensor in node.input:
+            consumers[tensor].append(i)
+        for tensor in node.output:
+            producer[tensor] = i
+    scope = [_scope_of(n.name) for n in nodes]
+    for i in reversed(range(len(nodes))):  # consumers come after their producers (topological order)
+        if scope[i] is None:
+            scope[i] = next((scope[c] for t in nodes[i].output for c in consumers[t] if scope[c]), None)
+    for i, node in enumerate(nodes):
+        if scope[i] is None:
+            scope[i] = next((scope[producer[t]] for t in node.input if t in producer and scope[producer[t]]), None)
+    for i, node in enumerate(nodes):
+        if scope[i] and not _scope_of(node.name):
+            node.name = f"{scope[i]}{node.name or f'{node.op_type}_{i}'}"
+    return model.SerializeToString()

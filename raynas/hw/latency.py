@@ -13,10 +13,12 @@ Search uses them through `LatencyModel.predict(arch) -> ms`; build one with `loa
 
     model = load_latency_model("lut", lut="runs/lut.parquet", space="scanedge", device="local-cpu")
     model.predict(arch)
+    int8 = load_latency_model("lut", lut="runs/lut.parquet", space="scanedge", precision="int8")
 
 The calibration (kappa, epsilon per model and the measured subnets) lives in a small JSON file next
-to the LUT (`calibration_path(lut)`), keyed like the table by space|device|runtime|resolution|num_classes.
-Both are read and written through raynas.storage: a local path or a URI (s3://...) alike.
+to the LUT (`calibration_path(lut)`), keyed like the table by space|device|runtime|resolution|num_classes|
+precision (a file written before precisions existed keys its groups without the precision: they are the
+fp32 ones). Both are read and written through raynas.storage: a local path or a URI (s3://...) alike.
 """
 
 from __future__ import annotations
@@ -113,9 +115,10 @@ class BlockLinearModel:
         return {"coef": self.coef, "intercept": self.intercept}
 
     @classmethod
-    def from_table(cls, table: pd.DataFrame) -> BlockLinearModel:
+    def from_table(cls, table: pd.DataFrame, column: str = "latency_ms") -> BlockLinearModel:
+        """Fitted on the table's blocks' `column` (latency; raynas.hw.energy_model fits energy)."""
         feats = table[[f"f_{n}" for n in FEATURES]].rename(columns=lambda c: c[2:])
-        return cls.fit(feats, table["latency_ms"])
+        return cls.fit(feats, table[column])
 
 
 def table_features(table: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -195,25 +198,31 @@ class CalibratedModel:
 class LutLatencyModel(CalibratedModel):
     """kappa * sum(LUT over the subnet's blocks) + epsilon.
 
-    A block configuration the table lacks (a rare one the build's sampling never met) is estimated by the
-    block linear model fitted on the table, and counted in `missing_keys`, rather than failing a search.
+    A block configuration the table lacks (a rare one the build's sampling never met), or whose `column` is
+    NaN (not measured), is estimated by the block linear model fitted on the table's measured blocks, and
+    counted in `missing_keys`, rather than failing a search. `column`: the per-block figure summed
+    (`latency_ms`; the energy model sums `energy_mj`).
     """
 
     kind = "lut"
 
-    def __init__(self, supernet: Supernet, table: pd.DataFrame, calibration: Affine | None = None):
+    def __init__(self, supernet: Supernet, table: pd.DataFrame, calibration: Affine | None = None,
+                 column: str = "latency_ms"):
         super().__init__(calibration)
-        self.table = dict(zip(table["key"], table["latency_ms"].astype(float)))
+        values = pd.to_numeric(table[column], errors="coerce").astype(float)
+        measured = table[values.notna().to_numpy()]
+        self.column = column
+        self.table = dict(zip(measured["key"], values[values.notna()]))
         self.index = BlockIndex(supernet, table_features(table))
         self._fallback: BlockLinearModel | None = None
-        self._table_frame = table
+        self._table_frame = measured
         self.missing_keys: set[str] = set()
 
     def _block_raw(self, key: str) -> float:
         if key in self.table:
             return self.table[key]
         if self._fallback is None:
-            self._fallback = BlockLinearModel.from_table(self._table_frame)
+            self._fallback = BlockLinearModel.from_table(self._table_frame, self.column)
         self.missing_keys.add(key)
         return max(float(self._fallback(self.index.features[key])), 0.0)
 
@@ -313,26 +322,35 @@ def _is_affine(value: Any) -> bool:
 
 def save_calibration(location: str | os.PathLike, key: TableKey, record: dict, what: str = "calibration") -> None:
     """Store one group's calibration (coefficients per model + the measured subnets) in the JSON file at
-    `location` (path or URI; other groups stay). Atomic, through raynas.storage."""
+    `location` (path or URI; other groups stay; the group's entry under its id from before precisions
+    existed, if any, is replaced too). Atomic, through raynas.storage."""
     data = _read_calibrations(location, what) if storage.exists(location) else \
         {"format": CALIBRATION_FORMAT, "groups": {}}
+    if key.legacy_id is not None:
+        data["groups"].pop(key.legacy_id, None)
     data["groups"][key.id] = {**asdict(key), **record}
     storage.write_text(location, json.dumps(data, indent=1))
 
 
 def load_calibration(location: str | os.PathLike, key: TableKey, what: str = "calibration") -> dict | None:
-    """One group's calibration record, None when the file or the group is absent."""
+    """One group's calibration record, None when the file or the group is absent. An fp32 group is also
+    found under its id from before precisions existed (read as fp32, the only precision there was)."""
     if not storage.exists(location):
         return None
-    return _read_calibrations(location, what)["groups"].get(key.id)
+    groups = _read_calibrations(location, what)["groups"]
+    if key.id in groups:
+        return groups[key.id]
+    legacy = groups.get(key.legacy_id) if key.legacy_id is not None else None
+    return None if legacy is None else {**legacy, "precision": key.precision}
 
 
 def load_latency_model(kind: str, lut: str | Path, space: str | Path | None = None, device: str = "local-cpu",
                        supernet: Supernet | None = None, calibration: str | Path | None = None,
                        resolution: int | None = None, num_classes: int | None = None,
-                       devices_file: str | Path | None = None, require_calibration: bool = True
-                       ) -> CalibratedModel:
-    """A ready latency model for `space` on `device` from a LUT file and its calibration.
+                       devices_file: str | Path | None = None, require_calibration: bool = True,
+                       precision: str = "fp32") -> CalibratedModel:
+    """A ready latency model for `space` on `device` at `precision` from a LUT file and its calibration
+    (the group and calibration measured at that precision; a precision the device does not run is refused).
 
     Pass `supernet` (its space decides resolution/num_classes) or `space` (+ optional overrides).
     Raises `UserError` when the table or its calibration is absent (unless `require_calibration=False`,
@@ -349,12 +367,15 @@ def load_latency_model(kind: str, lut: str | Path, space: str | Path | None = No
         from raynas.supernets import build_supernet
 
         supernet = build_supernet(load_space(space, resolution=resolution, num_classes=num_classes)).eval()
-    key = TableKey.of(supernet, get_device(device, devices_file))
+    spec = get_device(device, devices_file)
+    spec.check_precision(precision, "precision")
+    key = TableKey.of(supernet, spec, precision)
     calib_file = calibration or calibration_path(lut)
     record = load_calibration(calib_file, key)
     if record is None and require_calibration:
+        at = "" if precision == "fp32" else f" --precision {precision}"
         raise UserError(f"--lut {storage.display(lut)}: no calibration for {key.id} in {storage.display(calib_file)}; "
-                        f"run `raynas profile calibrate --space {key.space} --device {key.device} --lut {lut}`")
+                        f"run `raynas profile calibrate --space {key.space} --device {key.device} --lut {lut}{at}`")
     affine = Affine(**record["models"][kind]["calibration"]) if record else None
     table, _ = load_group(lut, key)
     model = _model_of_kind(kind, supernet, table, affine, record)

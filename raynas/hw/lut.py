@@ -10,12 +10,20 @@ Each row keeps the block's time as measured (`latency_raw_ms`) and the device's 
 with it (`reference_ms`, raynas.hw.measure.ReferenceClock); `latency_ms`, what the models sum, is the raw
 time stated at the group's reference speed, so rows measured at different moments stay comparable.
 Blocks are timed each in its own session (method "isolated") or inside whole profiled subnets ("context",
-raynas.hw.in_context).
+raynas.hw.in_context), at the numeric precision the board runs (raynas.hw.precision): the device converts
+every exported FP32 block to that precision before timing it.
 
-Tables are Parquet, one row per (space, device, runtime, resolution, num_classes, key); a file may hold
-several groups. A LUT lives at a location raynas.storage reads and writes (a local path or a URI such as
-s3://bucket/luts/x.parquet). Building again into the same location measures only the keys it lacks, and a
-build persists its blocks as it goes, so a killed one resumes where it stopped.
+On a device with an energy meter (raynas.hw.energy) each row also holds `energy_mj`, the block's energy per
+inference above idle, measured over the same calls as its latency, less the call's fixed cost as latency is;
+NaN on a device without one. A block timed in context is charged its time share of its subnet's energy
+(raynas.hw.remote._per_block): a meter sees the subnet, never one node.
+
+Tables are Parquet, one row per (space, device, runtime, resolution, num_classes, precision, key); a file
+may hold several groups (e.g. a device's fp32 and int8 tables side by side). Files written before
+precisions existed have no `precision` column: their groups are read as fp32. A LUT lives at a location
+raynas.storage reads and writes (a local path or a URI such as s3://bucket/luts/x.parquet). Building again
+into the same location measures only the keys it lacks, and a build persists its blocks as it goes, so a
+killed one resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -49,27 +57,43 @@ from raynas.space import Arch
 from raynas.supernets.base import Block, Subnet, Supernet
 
 META_KEY = b"raynas.lut"
-GROUP_COLUMNS = ("space", "device", "runtime", "resolution", "num_classes")
+GROUP_COLUMNS = ("space", "device", "runtime", "resolution", "num_classes", "precision")
+LEGACY_PRECISION = "fp32"  # what LUTs and calibrations written before precisions existed measured
 
 
 @dataclass(frozen=True)
 class TableKey:
-    """Which device measured which space at which input size: the identity of a LUT group."""
+    """Which device measured which space at which input size and precision: the identity of a LUT group."""
 
     space: str
     device: str
     runtime: str
     resolution: int
     num_classes: int
+    precision: str = "fp32"
 
     @property
     def id(self) -> str:
         return "|".join(str(v) for v in asdict(self).values())
 
+    @property
+    def legacy_id(self) -> str | None:
+        """The id this group had in files written before precisions existed (only fp32 was measured then)."""
+        return _without_precision(self.id) if self.precision == LEGACY_PRECISION else None
+
     @classmethod
-    def of(cls, supernet: Supernet, device: DeviceSpec) -> TableKey:
+    def of(cls, supernet: Supernet, device: DeviceSpec, precision: str = "fp32") -> TableKey:
         s = supernet.space
-        return cls(s.name, device.name, device.runtime, int(s.resolution), int(s.num_classes))
+        return cls(s.name, device.name, device.runtime, int(s.resolution), int(s.num_classes), precision)
+
+
+def _without_precision(group_id: str) -> str:
+    return group_id.rsplit("|", 1)[0]
+
+
+def upgrade_group_id(group_id: str) -> str:
+    """A group id as written before precisions existed (one field short) is that group's fp32 id."""
+    return f"{group_id}|{LEGACY_PRECISION}" if group_id.count("|") == len(GROUP_COLUMNS) - 2 else group_id
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
@@ -171,9 +195,10 @@ def subnet_onnx(supernet: Supernet, arch: Arch) -> tuple[bytes, tuple[int, ...]]
 def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callable[[], tuple[bytes, tuple]]]],
                        chunk: int = 8, desc: str = "measuring", show_progress: bool = True, passes: int = 1,
                        seed: int = 0, on_done: Callable[[dict[str, dict[str, dict]]], None] | None = None,
-                       per_block: bool = False) -> dict[str, list[dict]]:
+                       per_block: bool = False, precision: str = "fp32") -> dict[str, list[dict]]:
     """Measure every `(tag, make)` on every profiler, `make() -> (onnx_bytes, input_shape)` exporting
-    the model; returns the records per device name, in `items` order.
+    the FP32 model; returns the records per device name, in `items` order. Each device converts the models
+    to `precision` itself before timing them (raynas.hw.remote), so the driver exports each model once.
 
     Export (on the driver) and measurement alternate chunk by chunk: the next chunk is exported while the
     devices measure the current one, unless a device is this node and times on the wall clock (export
@@ -218,7 +243,7 @@ def measure_on_devices(profilers: list[Profiler], items: list[tuple[str, Callabl
         if not overlap:
             collect(pending)
             pending = []
-        calls = [(p, p.submit(batch, per_block)) for p in profilers]
+        calls = [(p, p.submit(batch, per_block, precision)) for p in profilers]
         if overlap:
             collect(pending)
             pending = calls
@@ -264,8 +289,13 @@ def _median_pass(runs: list[dict]) -> dict:
 def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFrame | None = None,
               existing_meta: dict[str, dict] | None = None, seed: int = 0, max_archs: int = 3000,
               patience: int = 300, passes: int = 1, show_progress: bool = True, out: str | None = None,
-              method: str = "isolated", appearances: int = 2) -> tuple[pd.DataFrame, dict[str, dict]]:
+              method: str = "isolated", appearances: int = 2, precision: str = "fp32"
+              ) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Measure every distinct block of `supernet`'s space on each device, in parallel across devices.
+
+    `precision`: each device converts every block to it before timing (raynas.hw.precision.convert, seeded
+    calibration inputs); its rows form the group (space, device, ..., precision). A device that does not
+    run the precision is refused before anything is measured.
 
     `method`: "isolated" times each block in its own session; "context" profiles a few whole subnets that
     contain every block `appearances` times and credits each node's time to its block
@@ -283,11 +313,13 @@ def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFr
     """
     if method not in LUT_METHODS:
         raise ValueError(f"method: {method!r}; allowed: {list(LUT_METHODS)}")
+    for p in profilers:
+        p.device.check_precision(precision, "precision")
     t0 = time.perf_counter()
     catalogue = collect_block_configs(supernet, seed=seed, max_archs=max_archs, patience=patience,
                                       show_progress=show_progress)
     existing = existing if existing is not None else empty_table()
-    keys = {p.device.name: TableKey.of(supernet, p.device) for p in profilers}
+    keys = {p.device.name: TableKey.of(supernet, p.device, precision) for p in profilers}
     # Rows measured otherwise (protocol, clock, threads, batch, method) are not comparable: measure anew.
     old = {p.device.name: select(existing, keys[p.device.name])
            if _same_settings((existing_meta or {}).get(keys[p.device.name].id), p.device, method) else empty_table()
@@ -308,11 +340,12 @@ def build_lut(supernet: Supernet, profilers: list[Profiler], existing: pd.DataFr
         if out is not None:
             write_lut(out, *build.assemble(done))
 
-    common = dict(passes=passes, seed=seed, show_progress=show_progress)
-    phases = [(f"LUT {supernet.space.name}", _isolated_items(catalogue, isolated), False)] if isolated else []
+    common = dict(passes=passes, seed=seed, show_progress=show_progress, precision=precision)
+    name = f"LUT {supernet.space.name}" + ("" if precision == "fp32" else f" {precision}")
+    phases = [(name, _isolated_items(catalogue, isolated), False)] if isolated else []
     if plan is not None and plan.archs:
         subnets = [(a.to_json(), (lambda a=a: subnet_onnx(supernet, a))) for a in plan.archs]
-        phases.insert(0, (f"LUT {supernet.space.name} in context", subnets, True))
+        phases.insert(0, (f"{name} in context", subnets, True))
     for desc, items, in_context in phases:
         measured = measure_on_devices(profilers, items, chunk=2 if in_context else 8, desc=desc,
                                       per_block=in_context, on_done=lambda d, c=in_context: persist(d, c), **common)
@@ -370,24 +403,29 @@ class _Build:
                 "threads": p.device.threads, "batch_size": p.device.batch_size, "passes": self.passes,
                 "protocol": asdict(p.device.protocol), "onnxruntime": p.node.get("onnxruntime"),
                 "hostname": p.node.get("hostname"), "reference_ms": baseline, "method": self.method,
-                "subnets": self.subnets,
+                "subnets": self.subnets, "energy_meter": energy_meter_name(p.device),
             }
         return pd.concat(frames, ignore_index=True), meta
 
     def _rows(self, key: TableKey, have: set[str], records: dict[str, dict]) -> list[dict[str, Any]]:
         """Rows of the wanted blocks complete in `records`, less their input shape's call overhead when
-        timed isolated (a block timed in context has none: node times exclude the call)."""
-        overhead = {tuple(json.loads(t.split(":", 1)[1])): r["median_ms"]
-                    for t, r in records.items() if t.startswith("identity:")}
+        timed isolated (a block timed in context has none: node times exclude the call).
+
+        Energy mirrors latency: a block's `energy_mj` is its energy per call less the identity model's (the
+        call's fixed cost, paid once per subnet, not once per block), NaN where the device has no meter.
+        Unlike latency it is not clamped at 0: a block cheaper than the meter resolves reads a little
+        negative or positive at random, and a subnet's sum of them stays unbiased."""
+        overhead = {tuple(json.loads(t.split(":", 1)[1])): r for t, r in records.items() if t.startswith("identity:")}
         rows = []
         for k in self.wanted:
             b = self.catalogue.blocks[k]
             if k in have or k not in records:
                 continue
             r = records[k]
-            oh = 0.0 if r.get("in_context") else overhead.get(tuple(b.in_shape))
-            if oh is None:
+            identity = {"median_ms": 0.0, "energy_mj": 0.0} if r.get("in_context") else overhead.get(tuple(b.in_shape))
+            if identity is None:
                 continue
+            oh, oh_mj = identity["median_ms"], _energy(identity.get("energy_mj"))
             rows.append({
                 **asdict(key), "key": k, "position": self.catalogue.positions[k],
                 "in_shape": json.dumps(list(b.in_shape)),
@@ -396,17 +434,25 @@ class _Build:
                 "reference_ms": r.get("reference_ms"), "median_ms": r["median_ms"], "overhead_ms": oh,
                 "iqr_ms": r["iqr_ms"], "runs": r["runs"], "series": r["series"], "clock": r["clock"],
                 "wall_median_ms": r["wall_median_ms"], "passes": r["passes"], "pass_spread": r["pass_spread"],
+                "energy_mj": _energy(r.get("energy_mj")) - oh_mj, "overhead_mj": oh_mj,
+                "idle_w": _energy(r.get("idle_w")),
                 **{f"f_{name}": self.features[k][name] for name in FEATURES},
                 "node_id": r["node_id"], "hostname": r["hostname"], "measured_at": r["measured_at"],
             })
         return rows
 
 
+def _energy(value: float | None) -> float:
+    """A measured energy figure, NaN when nothing was measured (a device without a meter)."""
+    return np.nan if value is None else float(value)
+
+
 def _at_reference_speed(group: pd.DataFrame) -> tuple[pd.DataFrame, float | None]:
     """The group with `latency_ms` = `latency_raw_ms` stated at the group's reference speed
     (`lut_baseline_ms`, returned too). Recomputed from the raw values whenever the group changes, so rows
     measured in different builds stay comparable. The call overhead subtracted from a block was measured
-    at nearly the same moment (the first items of the build), so it is not restated apart."""
+    at nearly the same moment (the first items of the build), so it is not restated apart. Energy is kept as
+    measured: a host slowed by a neighbour takes longer per call without the inference costing more joules."""
     baseline = lut_baseline_ms(group)
     if baseline is None:
         return group, None
@@ -424,21 +470,30 @@ def lut_baseline_ms(group: pd.DataFrame) -> float | None:
 
 
 def _same_settings(meta: dict | None, device: DeviceSpec, method: str) -> bool:
+    # A group measured without a meter lacks the energy the device now declares: measured anew, with it.
     return bool(meta) and meta.get("protocol") == asdict(device.protocol) and \
         meta.get("threads") == device.threads and meta.get("batch_size") == device.batch_size and \
-        meta.get("method", "isolated") == method
+        meta.get("method", "isolated") == method and meta.get("energy_meter") == energy_meter_name(device)
+
+
+def energy_meter_name(device: DeviceSpec) -> str | None:
+    return device.energy.meter if device.energy is not None else None
 
 
 TABLE_COLUMNS = [*GROUP_COLUMNS, "key", "position", "in_shape", "latency_ms", "latency_raw_ms", "reference_ms",
                  "median_ms", "overhead_ms",
                  "iqr_ms", "runs", "series", "clock", "wall_median_ms", "passes", "pass_spread",
+                 "energy_mj", "overhead_mj", "idle_w",
                  *(f"f_{n}" for n in FEATURES),
                  "node_id", "hostname", "measured_at"]
 
 
 # Columns added after LUTs were first written, and how a table without them is read: such a group was measured
-# without a reference, so its latencies are raw (and its protocol differs: a new build measures it anew).
-LATER_COLUMNS = {"latency_raw_ms": lambda t: t["latency_ms"], "reference_ms": lambda t: np.nan}
+# without a reference, so its latencies are raw (and its protocol differs: a new build measures it anew); and
+# it was measured at fp32, the only precision there was; and without an energy meter.
+LATER_COLUMNS = {"latency_raw_ms": lambda t: t["latency_ms"], "reference_ms": lambda t: np.nan,
+                 "precision": lambda t: LEGACY_PRECISION, "energy_mj": lambda t: np.nan,
+                 "overhead_mj": lambda t: np.nan, "idle_w": lambda t: np.nan}
 
 
 def empty_table() -> pd.DataFrame:
@@ -487,7 +542,9 @@ def _lut_meta(table: pa.Table, location: str | os.PathLike, what: str) -> dict[s
         meta = None
     if not isinstance(meta, dict) or not all(isinstance(m, dict) for m in meta.values()):
         raise refuse(f"its '{META_KEY.decode()}' metadata is not a JSON object of groups")
-    return meta
+    # Groups stored before precisions existed: their metadata is that of the fp32 group they are read as.
+    return {upgrade_group_id(gid): m if upgrade_group_id(gid) == gid else {**m, "precision": LEGACY_PRECISION}
+            for gid, m in meta.items()}
 
 
 def write_lut(location: str | os.PathLike, rows: pd.DataFrame, meta: dict[str, dict], what: str = "--lut") -> None:
@@ -513,6 +570,7 @@ def load_group(location: str | os.PathLike, key: TableKey, what: str = "--lut") 
     rows = select(table, key)
     if not len(rows):
         held = sorted(meta) or ["nothing"]
-        raise UserError(f"{what} {storage.display(location)}: no table for {key.id} (space|device|runtime|resolution|"
-                        f"num_classes); the file holds {held}; build it with `raynas profile lut`")
+        build = "" if key.precision == "fp32" else f" --precision {key.precision}"
+        raise UserError(f"{what} {storage.display(location)}: no table for {key.id} ({'|'.join(GROUP_COLUMNS)}); "
+                        f"the file holds {held}; build it with `raynas profile lut{build}`")
     return rows, meta.get(key.id, {})

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from raynas.hw.devices import DeviceSpec, MeasurementProtocol
+from raynas.hw.energy import EnergyMeter, energy_meter
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -26,7 +27,11 @@ class RuntimeUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Timing:
-    """Statistics of the protocol's clock; `wall_median_ms` is elapsed time whatever the clock."""
+    """Statistics of the protocol's clock; `wall_median_ms` is elapsed time whatever the clock.
+
+    With an energy meter (raynas.hw.energy), measured over the same timed series: `energy_mj` per call above
+    idle, the idle power `idle_w` subtracted, and the series' length `energy_window_s`; None without one.
+    """
 
     median_ms: float
     iqr_ms: float
@@ -35,6 +40,9 @@ class Timing:
     warmup_runs: int
     wall_median_ms: float
     clock: str
+    energy_mj: float | None = None
+    idle_w: float | None = None
+    energy_window_s: float | None = None
 
     @property
     def rel_iqr(self) -> float:
@@ -66,8 +74,15 @@ def session_for(model: bytes | str, device: DeviceSpec, profile_prefix: str | No
 
 
 def time_session(session: ort.InferenceSession, feed: dict[str, np.ndarray],
-                 protocol: MeasurementProtocol) -> Timing:
-    """Time-based warm-up, then series of `runs` timed calls until one is steady (see the protocol)."""
+                 protocol: MeasurementProtocol, meter: EnergyMeter | None = None) -> Timing:
+    """Time-based warm-up, then series of `runs` timed calls until one is steady (see the protocol).
+
+    With a `meter`, each series is also an energy window (lasting at least the meter's `min_window_s`), and
+    the Timing of the series kept carries its energy per call; idle power is taken before the warm-up, with
+    the device still at rest.
+    """
+    idle_w = meter.idle_w() if meter is not None else None
+    min_s = protocol.min_run_s if meter is None else max(protocol.min_run_s, meter.min_window_s)
     warmup_runs = 0
     deadline = time.perf_counter() + protocol.warmup_s
     while warmup_runs < protocol.min_warmup_runs or time.perf_counter() < deadline:
@@ -75,10 +90,17 @@ def time_session(session: ort.InferenceSession, feed: dict[str, np.ndarray],
         warmup_runs += 1
     best: Timing | None = None
     for series in range(1, protocol.repeats + 1):
-        samples, wall = timed_calls(session, feed, protocol.runs, protocol.min_run_s, protocol.clock)
+        energy = {}
+        if meter is None:
+            samples, wall = timed_calls(session, feed, protocol.runs, min_s, protocol.clock)
+        else:
+            with meter.window() as window:
+                samples, wall = timed_calls(session, feed, protocol.runs, min_s, protocol.clock)
+            energy = {"energy_mj": window.per_call(len(samples), idle_w), "idle_w": idle_w,
+                      "energy_window_s": window.seconds}
         q1, median, q3 = np.percentile(samples, [25, 50, 75])
         timing = Timing(float(median), float(q3 - q1), len(samples), series, warmup_runs,
-                        float(np.median(wall)), protocol.clock)
+                        float(np.median(wall)), protocol.clock, **energy)
         if best is None or timing.rel_iqr < best.rel_iqr:
             best = timing
         if timing.rel_iqr <= protocol.max_rel_iqr:
@@ -113,11 +135,12 @@ def _check_clock(device: DeviceSpec) -> None:
 
 
 def measure_onnx(model: bytes | str, input_shape: tuple[int, ...], device: DeviceSpec) -> Timing:
-    """Median/IQR latency (ms) of `model` at `input_shape` (batch = device.batch_size) on this node."""
+    """Median/IQR latency (ms) of `model` at `input_shape` (batch = device.batch_size) on this node, and its
+    energy per inference when the device declares a meter."""
     _check_clock(device)
     shape = (device.batch_size, *input_shape[1:])
     session = session_for(model, device)
-    return time_session(session, random_feed(session, shape), device.protocol)
+    return time_session(session, random_feed(session, shape), device.protocol, energy_meter(device))
 
 
 # ---- drift-proofing -------------------------------------------------------------------------------------
@@ -202,7 +225,7 @@ def node_times(model: bytes, input_shape: tuple[int, ...], device: DeviceSpec) -
     shape = (device.batch_size, *input_shape[1:])
     with tempfile.TemporaryDirectory(prefix="raynas-profile-") as tmp:
         session = session_for(model, device, profile_prefix=str(Path(tmp) / "run"))
-        timing = time_session(session, random_feed(session, shape), device.protocol)
+        timing = time_session(session, random_feed(session, shape), device.protocol, energy_meter(device))
         events = json.loads(Path(session.end_profiling()).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e["name"] == "model_run")

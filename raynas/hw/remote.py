@@ -3,7 +3,8 @@
 
 At most one profiler measures on a device at a time, cluster-wide, so measurements never overlap on a
 board: see `start_profiler`. ONNX export happens on the driver (it needs torch); the device node receives
-ONNX bytes (or object refs to them) and needs only onnxruntime.
+FP32 ONNX bytes (or object refs to them) and needs only onnxruntime: it converts them to the precision it
+is asked to measure at itself (raynas.hw.precision), so one export serves every precision and device.
 """
 
 from __future__ import annotations
@@ -21,15 +22,22 @@ from ray.exceptions import ActorAlreadyExistsError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raynas.hw.devices import DeviceNotPresent, DeviceSpec, ensure_device_present, labelled_nodes
-from raynas.hw.measure import ReferenceClock, block_times, measure_onnx, node_times
+from raynas.hw.in_context import scope_nodes
+from raynas.hw.measure import ReferenceClock, Timing, block_times, measure_onnx, node_times
+from raynas.hw.precision import convert, size_mb
 
 
 class DeviceProfiler:
     """Times ONNX models on the node it was placed on. Use `start_profiler` to create one."""
 
     def __init__(self, device: dict):
+        import onnxruntime as ort
+
         self.device = DeviceSpec.from_dict(device)
         self._reference: ReferenceClock | None = None  # built on first use, kept: one session per actor
+        # Converting to int8 runs onnxruntime's quantizer once per model: its calibration sessions' warnings
+        # would repeat for each of a LUT's hundreds of blocks (raynas.hw.precision quiets its Python ones).
+        ort.set_default_logger_severity(3)
 
     def node(self) -> dict[str, Any]:
         import onnxruntime as ort
@@ -43,17 +51,27 @@ class DeviceProfiler:
             "providers": ort.get_available_providers(),
         }
 
-    def measure(self, items: Iterable[tuple[str, Any, tuple[int, ...]]], per_block: bool = False
-                ) -> list[dict[str, Any]]:
+    def measure(self, items: Iterable[tuple[str, Any, tuple[int, ...]]], per_block: bool = False,
+                precision: str = "fp32") -> list[dict[str, Any]]:
         """Time each `(tag, onnx_bytes, input_shape)`; returns one record per item, in order.
 
+        `precision`: each FP32 model is converted to it here, on the device, before timing
+        (raynas.hw.precision.convert with seeded calibration inputs: activation ranges do not change which
+        ops run, so they do not change latency); `size_mb` is the converted model's size.
+
         `per_block`: each model is an exported subnet, profiled per node, and its record also holds
-        `block_ms`, {block position: ms} (raynas.hw.measure.block_times).
+        `block_ms`, {block position: ms} (raynas.hw.measure.block_times), and with an energy meter `block_mj`,
+        {block position: mJ} (see `_per_block`). A converted subnet's added nodes are first given the block
+        scope of the node they serve (raynas.hw.in_context.scope_nodes).
+
+        With an energy meter (`energy` in devices.yaml), each record has `energy_mj` per call above idle,
+        `idle_w` and `energy_window_s`, measured over the very series the latency comes from; None without one.
 
         With a reference (`protocol.reference_runs` > 0) a series of reference calls runs before the first
         model and after each one; every record of the call gets the median of all of them, `reference_ms`:
         the device's speed over the few seconds the call lasts, steadier than one short series.
         """
+        self.device.check_precision(precision, "precision")
         node = ray.get_runtime_context().get_node_id()
         host = socket.gethostname()
         reference = self._reference_clock()
@@ -63,6 +81,9 @@ class DeviceProfiler:
             t0 = time.perf_counter()
             if isinstance(model, ray.ObjectRef):  # shared by several devices' calls, fetched here
                 model = ray.get(model)
+            model = convert(model, precision)
+            if per_block and precision != "fp32":
+                model = scope_nodes(model)
             if per_block:
                 timing, per_run = node_times(model, tuple(input_shape), self.device)
             else:
@@ -70,11 +91,14 @@ class DeviceProfiler:
             if reference:
                 reference_samples.append(reference.sample())
             records.append({
-                "tag": tag, "median_ms": timing.median_ms, "iqr_ms": timing.iqr_ms, "runs": timing.runs,
+                "tag": tag, "precision": precision, "size_mb": size_mb(model),
+                "median_ms": timing.median_ms, "iqr_ms": timing.iqr_ms, "runs": timing.runs,
                 "series": timing.series, "warmup_runs": timing.warmup_runs, "clock": timing.clock,
                 "wall_median_ms": timing.wall_median_ms,
+                # over the same timed series, above idle; None when the device declares no meter
+                "energy_mj": timing.energy_mj, "idle_w": timing.idle_w, "energy_window_s": timing.energy_window_s,
                 "wall_s": time.perf_counter() - t0, "node_id": node, "hostname": host, "measured_at": time.time(),
-                **({"block_ms": block_times(per_run)} if per_block else {}),
+                **(_per_block(block_times(per_run), timing) if per_block else {}),
             })
         reference_ms = float(np.median(np.concatenate(reference_samples))) if reference_samples else None
         for record in records:
@@ -87,6 +111,22 @@ class DeviceProfiler:
         if self._reference is None:
             self._reference = ReferenceClock(self.device)
         return self._reference
+
+
+def _per_block(block_ms: dict[int, float], timing: Timing) -> dict[str, dict[int, float]]:
+    """`block_ms`, and `block_mj` when energy was measured.
+
+    A meter sees the whole subnet, never one node, so a block's energy is the subnet's power above idle over
+    its timed window (energy per call x calls / window length) times the block's time: each block is charged
+    its share of the time, at the subnet's mean power. What a call spends outside the nodes (feeds, outputs,
+    the binding) is in no block, as for latency. Energy-hungry operators (a dense conv against a memory-bound
+    depthwise one) draw more than the mean, which this share cannot see; isolated LUTs measure each block's
+    own energy.
+    """
+    if timing.energy_mj is None:
+        return {"block_ms": block_ms}
+    watts = timing.energy_mj * timing.runs / (timing.energy_window_s * 1000.0)
+    return {"block_ms": block_ms, "block_mj": {block: watts * ms for block, ms in block_ms.items()}}
 
 
 _RemoteProfiler = ray.remote(DeviceProfiler)
@@ -107,6 +147,7 @@ class MeasureCall:
     actor: Any
     items: list
     per_block: bool
+    precision: str = "fp32"
 
 
 @dataclass
@@ -119,9 +160,12 @@ class Profiler:
     replaced: int = 0  # actors started in place of one that died
     pinned_node: str | None = None  # one of several boards of the device: this node, always
 
-    def submit(self, items: list[tuple[str, Any, tuple[int, ...]]], per_block: bool = False) -> MeasureCall:
-        """Start timing `(tag, onnx_bytes or its object ref, input_shape)` items; `collect` the result."""
-        return MeasureCall(self.actor.measure.remote(items, per_block), self.actor, items, per_block)
+    def submit(self, items: list[tuple[str, Any, tuple[int, ...]]], per_block: bool = False,
+               precision: str = "fp32") -> MeasureCall:
+        """Start timing `(tag, FP32 onnx_bytes or its object ref, input_shape)` items at `precision`;
+        `collect` the result."""
+        return MeasureCall(self.actor.measure.remote(items, per_block, precision), self.actor, items, per_block,
+                           precision)
 
     def collect(self, call: MeasureCall, replacements: int = 2) -> list[dict[str, Any]]:
         """The records of `call`. When its actor died meanwhile (its process or node was killed), a new
@@ -134,11 +178,11 @@ class Profiler:
             except RayActorError:
                 if call.actor is self.actor:
                     self.replace()
-                call = self.submit(call.items, call.per_block)
+                call = self.submit(call.items, call.per_block, call.precision)
         return ray.get(call.ref)
 
-    def measure(self, items: list, per_block: bool = False) -> list[dict[str, Any]]:
-        return self.collect(self.submit(items, per_block))
+    def measure(self, items: list, per_block: bool = False, precision: str = "fp32") -> list[dict[str, Any]]:
+        return self.collect(self.submit(items, per_block, precision))
 
     def replace(self) -> None:
         """Start a fresh actor for the device in place of this one. A dead actor is never reused (Ray does

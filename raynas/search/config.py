@@ -9,9 +9,10 @@ from raynas import config as c
 from raynas.hw.latency import MODEL_KINDS
 from raynas.search.algorithms import ALGORITHMS as ALGORITHM_REGISTRY
 from raynas.search.algorithms import algorithm_class
+from raynas.search.deployed import DEPLOY_DEFAULTS, deploy_section
 
 ALGORITHMS = tuple(ALGORITHM_REGISTRY.names())
-OBJECTIVES = ("accuracy", "latency_ms", "params", "macs")
+OBJECTIVES = ("accuracy", "latency_ms", "params", "macs", "energy_mj")
 LIVE = "live"  # no model: every candidate measured on the device (raynas.search.live)
 LATENCY_MODELS = (*MODEL_KINDS, LIVE)
 CORRECTIONS = ("auto", "on", "off")  # a predicting latency model corrected by live measurements
@@ -36,8 +37,9 @@ DEFAULTS = {
                 "correction": "auto", "correction_per_generation": 4},
     "search": {"algorithm": "nsga2", "budget": 200, "seed": 0, "objectives": ["accuracy", "latency_ms"],
                "params": {}},
-    "constraints": {"max_latency_ms": None, "max_params": None, "max_macs": None},
+    "constraints": {"max_latency_ms": None, "max_params": None, "max_macs": None, "max_energy_mj": None},
     "export": {"top_k": 3, "measure": True},
+    "deploy": DEPLOY_DEFAULTS,
 }
 
 
@@ -77,6 +79,24 @@ def latency_device(lat: dict[str, Any], where: str = "latency") -> None:
     get_device(c.string(lat["device"], f"{where}.device"), lat["devices_file"], f"{where}.device")
 
 
+def uses_energy(cfg: Mapping[str, Any]) -> bool:
+    """Whether a validated search config asks for energy (an objective or a constraint): the search then
+    predicts every candidate's energy from the LUT's energy column (raynas.hw.energy_model)."""
+    return "energy_mj" in cfg["search"]["objectives"] or cfg["constraints"]["max_energy_mj"] is not None
+
+
+def energy_device(lat: dict[str, Any]) -> None:
+    """Energy needs a meter on the latency device (one line naming the device and the meters raynas knows)
+    and a LUT measured with it: a live latency model without a LUT has nothing to predict energy from."""
+    from raynas.hw.devices import get_device
+    from raynas.hw.energy import require_energy
+
+    require_energy(get_device(lat["device"], lat["devices_file"]))
+    if lat["model"] == LIVE and not lat["lut"]:
+        c.fail("latency.lut", "energy_mj is predicted from a LUT's energy column, and latency.model 'live' has no "
+               "LUT", "a LUT built on the device with its meter (`raynas profile lut`)")
+
+
 def latency_section(cfg: Mapping[str, Any], defaults: Mapping[str, Any],
                     allowed: tuple[str, ...] = MODEL_KINDS) -> dict[str, Any]:
     """The `latency:` section (model kind of `allowed`, LUT, device); shared with the pair search."""
@@ -101,6 +121,7 @@ def search_section(cfg: Mapping[str, Any], defaults: Mapping[str, Any], allowed:
 
 def validate_search_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from raynas.data import validate_data_config
+    from raynas.hw.devices import get_device
 
     cfg = c.mapping(cfg, "config")
     c.check_known(cfg, DEFAULTS, "config")
@@ -126,8 +147,15 @@ def validate_search_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     c.number(cons["max_latency_ms"], "constraints.max_latency_ms", 0.0, low_open=True, optional=True)
     c.integer(cons["max_params"], "constraints.max_params", 1, optional=True)
     c.integer(cons["max_macs"], "constraints.max_macs", 1, optional=True)
+    c.number(cons["max_energy_mj"], "constraints.max_energy_mj", 0.0, low_open=True, optional=True)
+    if uses_energy(out):
+        energy_device(lat)
 
     e = out["export"] = c.section(cfg, "export", DEFAULTS["export"])
     c.integer(e["top_k"], "export.top_k", 0)
     c.boolean(e["measure"], "export.measure")
+
+    # The precision the board runs: the latency model's, the exports', and (quantized_accuracy) the accuracy's.
+    d = out["deploy"] = deploy_section(cfg.get("deploy"))
+    get_device(lat["device"], lat["devices_file"]).check_precision(d["precision"], "deploy.precision")
     return out

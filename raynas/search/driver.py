@@ -12,6 +12,8 @@ from raynas.search.live import LiveLatency
 from raynas.search.results import ResultStore
 from raynas.space import Arch
 
+# What a stored record takes from the estimate (energy_mj only where the search asks for energy).
+ESTIMATED = ("latency_ms", "params", "macs", "energy_mj")
 # evaluate(archs) yields (arch_json, {"accuracy": ..., ...}) as each evaluation finishes, in any order
 BatchEvaluator = Callable[[list[str]], Iterable[tuple[str, dict[str, Any]]]]
 
@@ -80,7 +82,7 @@ def _record(algorithm: SearchAlgorithm, generation: int, arch_json: str, estimat
         live_fields = {**measured, "latency_predicted_ms": estimate["latency_ms"]}
         estimate = {**estimate, "latency_ms": live_fields.pop("latency_ms")}
     return {"arch": arch_json, "space": ctx.space.name, "algorithm": algorithm.name, "generation": generation,
-            **{k: estimate[k] for k in ("latency_ms", "params", "macs")},
+            **{k: estimate[k] for k in ESTIMATED if k in estimate},
             "feasible": ctx.constraints.feasible(estimate), **live_fields, **result}
 
 
@@ -89,15 +91,18 @@ def _evaluated(evaluate: BatchEvaluator, todo: list[str]) -> Iterator[tuple[str,
         yield from evaluate(todo)
 
 
-def estimate_fn(supernet, latency_model=None) -> Callable[[Arch], Record]:
-    """Cheap per-arch estimates: analytic params/MACs (cached) and the latency model's prediction (asked
-    each time: a live-corrected model changes between generations)."""
+def estimate_fn(supernet, latency_model=None, energy_model=None) -> Callable[[Arch], Record]:
+    """Cheap per-arch estimates: analytic params/MACs (cached), the latency model's prediction (asked
+    each time: a live-corrected model changes between generations) and, given an `energy_model`
+    (raynas.hw.energy_model, when the search asks for energy), the predicted energy per inference (cached)."""
     cache: dict[Arch, Record] = {}
 
     def estimate(arch: Arch) -> Record:
         if arch not in cache:
             cost = supernet.cost(arch)
             cache[arch] = {"params": int(cost["params"]), "macs": int(cost["macs"])}
+            if energy_model is not None:
+                cache[arch]["energy_mj"] = float(energy_model.predict(arch))
         latency = latency_model.predict(arch) if latency_model is not None else float("nan")
         return {**cache[arch], "latency_ms": float(latency)}
 

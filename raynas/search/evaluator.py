@@ -1,7 +1,9 @@
 """Evaluator actors: each holds the trained supernet and scores subnets on held-out data.
 
 Accuracy of a subnet = BatchNorm recalibrated on a fixed set of training images, then top-1 on
-the validation split. Both sets are fixed and ordered, so an arch scores the same on every actor:
+the validation split; with `deploy.quantized_accuracy`, top-1 of the subnet as deployed (exported and
+converted to the deploy precision, run in onnxruntime: raynas.search.deployed). `export` hands back the
+deployed ONNX of a front member. Both sets are fixed and ordered, so an arch scores the same on every actor:
 that is what makes a resumed search identical to an uninterrupted one. They are Ray Datasets
 (raynas.data.eval_dataset) materialized once by `make_evaluator_pool`: every actor reads the same
 blocks from the object store, on whichever node it runs.
@@ -19,6 +21,7 @@ from typing import Any
 import ray
 import torch
 
+from raynas.search.deployed import DeployConfig, deploy_subnet
 from raynas.space import Arch
 
 
@@ -30,6 +33,7 @@ class EvaluatorConfig:
     device: str = "cpu"        # "cuda" puts each actor on a GPU
     threads: int = 1           # torch intra-op threads per actor
     num_actors: int = 2
+    deploy: DeployConfig = DeployConfig()
     eval_data: Any = None      # (BN, validation) Datasets; make_evaluator_pool sets them, else each actor builds them
 
 
@@ -56,10 +60,23 @@ class SubnetEvaluator:
 
         started = time.time()
         arch = self.supernet.space.validate(Arch.from_json(arch_json))
-        accuracy = evaluate_subnet(self.supernet, arch, self.bn_loader, self.val_loader, self.config.bn_samples)
+        if self.config.deploy.quantized_accuracy:
+            _, deployed = self._deploy(arch)
+            scores = {"accuracy": deployed["accuracy_deployed"], "accuracy_supernet": deployed["accuracy_supernet"]}
+        else:
+            scores = {"accuracy": float(evaluate_subnet(self.supernet, arch, self.bn_loader, self.val_loader,
+                                                        self.config.bn_samples))}
         finished = time.time()
-        return {"accuracy": float(accuracy), "started_at": started, "finished_at": finished,
+        return {**scores, "started_at": started, "finished_at": finished,
                 "eval_s": finished - started, "worker": self.identity}
+
+    def export(self, arch_json: str) -> tuple[bytes, dict[str, Any]]:
+        """The deployed ONNX of `arch` (BN recalibrated, at the deploy precision) and its accuracies."""
+        return self._deploy(self.supernet.space.validate(Arch.from_json(arch_json)))
+
+    def _deploy(self, arch: Arch) -> tuple[bytes, dict[str, Any]]:
+        return deploy_subnet(self.supernet, arch, self.bn_loader, self.val_loader, self.config.bn_samples,
+                             self.config.deploy)
 
 
 def evaluation_data(config: EvaluatorConfig, resolution: int, channels: int) -> tuple[Any, Any]:
@@ -71,7 +88,8 @@ def evaluation_data(config: EvaluatorConfig, resolution: int, channels: int) -> 
     return bn, eval_dataset(config.data, "val", resolution, channels)
 
 
-def make_evaluator_pool(checkpoint: str, config: EvaluatorConfig, actor_cls: type = SubnetEvaluator):
+def make_evaluator_pool(checkpoint: str, config: EvaluatorConfig, actor_cls: type = SubnetEvaluator,
+                        method: str = "evaluate"):
     """An `ActorPool` of evaluator actors. The checkpoint (a local path or URI) is read once, here, and
     travels to the actors through the object store: no actor reads a file of the driver's node. So do the
     evaluation Datasets, materialized once, here."""
@@ -89,7 +107,7 @@ def make_evaluator_pool(checkpoint: str, config: EvaluatorConfig, actor_cls: typ
     def make_actor():
         return remote_cls.remote(checkpoint_ref, config)
 
-    return ActorPool(make_actor, config.num_actors)
+    return ActorPool(make_actor, config.num_actors, method=method)
 
 
 def pool_evaluator(pool) -> Any:

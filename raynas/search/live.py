@@ -27,9 +27,10 @@ from raynas.space import Arch
 class LiveLatency:
     """`submit(arch_json)` -> a Future of the candidate's measured latency record (see `_record`)."""
 
-    def __init__(self, supernet, profilers: list[Profiler]):
+    def __init__(self, supernet, profilers: list[Profiler], precision: str = "fp32"):
         self.supernet = supernet
         self.profilers = profilers
+        self.precision = precision  # each board converts the FP32 export to it before timing
         self._free: queue.Queue[Profiler] = queue.Queue()
         for p in profilers:
             self._free.put(p)
@@ -44,7 +45,7 @@ class LiveLatency:
             model, shape = subnet_onnx(self.supernet, Arch.from_json(arch_json))
         profiler = self._free.get()
         try:
-            (timing,) = profiler.measure([(arch_json, model, shape)])
+            (timing,) = profiler.measure([(arch_json, model, shape)], precision=self.precision)
         finally:
             self._free.put(profiler)
         return _record(timing)
@@ -63,7 +64,8 @@ def _record(timing: dict[str, Any]) -> dict[str, Any]:
     """The fields a live measurement adds to a search record."""
     return {"latency_ms": timing["median_ms"], "latency_iqr_ms": timing["iqr_ms"],
             "latency_reference_ms": timing.get("reference_ms"), "latency_source": "measured",
-            "measured_node": timing["node_id"], "measured_host": timing["hostname"]}
+            "measured_node": timing["node_id"], "measured_host": timing["hostname"],
+            "measured_energy_mj": timing.get("energy_mj")}  # None: the board has no energy meter
 
 
 class LiveCorrection:

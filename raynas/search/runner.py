@@ -8,15 +8,16 @@ run_dir (a local path or a URI such as s3://bucket/prefix; every file goes throu
   onnx/subnet_<i>.onnx     the exported subnets, verified against PyTorch (only them: a folder to deploy)
   exports/subnet_<i>.json  each one's export record (arch, ONNX digest, measurement): a re-run reuses it
   exported.parquet         exported subnets: predicted vs measured latency on the target device
-  report.md, pareto.png    the report
+  references/              the space's reference models (onnx/, exports/), exported and measured like the front
+  report.md, pareto.png    the report (report.parquet: its points, with the full arch JSON)
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -25,13 +26,17 @@ import yaml
 from raynas import storage
 from raynas.errors import ConfigError
 from raynas.search.algorithms import Constraints, SearchContext, build_algorithm
-from raynas.search.config import LIVE
+from raynas.search.config import LIVE, uses_energy
+from raynas.search.deployed import DeployConfig
 from raynas.search.driver import estimate_fn, run_search
 from raynas.search.evaluator import EvaluatorConfig, make_evaluator_pool, pool_evaluator
 from raynas.search.live import LiveCorrection, LiveLatency
 from raynas.search.pareto import pareto_front
 from raynas.search.results import ResultStore, part_files
 from raynas.space import Arch
+
+# Exports subnets as deployed: arch JSONs -> (arch JSON, (ONNX bytes, record fields)) as each finishes.
+DeployedFn = Callable[[list[str]], Iterator[tuple[str, tuple[bytes, dict]]]]
 
 
 def log(msg: str) -> None:
@@ -126,23 +131,23 @@ def _corrects(lat: dict[str, Any]) -> bool:
     return any(node != here for node in labelled_nodes(lat["device"]))
 
 
-def _calibration_of(supernet, lat: dict[str, Any]) -> dict[str, Any]:
+def _calibration_of(supernet, lat: dict[str, Any], precision: str) -> dict[str, Any]:
     from raynas.hw.devices import get_device
     from raynas.hw.latency import calibration_path, load_calibration
     from raynas.hw.lut import TableKey
 
-    key = TableKey.of(supernet, get_device(lat["device"], lat["devices_file"]))
+    key = TableKey.of(supernet, get_device(lat["device"], lat["devices_file"]), precision)
     return load_calibration(calibration_path(lat["lut"]), key)
 
 
-def _live_latency(supernet, lat: dict[str, Any]) -> LiveLatency:
+def _live_latency(supernet, lat: dict[str, Any], precision: str) -> LiveLatency:
     from raynas.hw.devices import get_device
     from raynas.hw.remote import start_profilers
 
     profilers = start_profilers(get_device(lat["device"], lat["devices_file"]))
     log(f"[search] live latency: {len(profilers)} profiler(s) on {lat['device']} "
         f"({', '.join(p.node['hostname'] for p in profilers)})")
-    return LiveLatency(supernet, profilers)
+    return LiveLatency(supernet, profilers, precision)
 
 
 def spread_along_front(front: list[dict], k: int) -> list[dict]:
@@ -155,50 +160,63 @@ def spread_along_front(front: list[dict], k: int) -> list[dict]:
     return [front[i] for i in idx]
 
 
-def export_and_measure(supernet, chosen: list[dict], run_dir: str, device: str | None,
-                       devices_file: str | None) -> list[dict]:
-    """Export each chosen subnet to verified ONNX in run_dir/onnx; measure it on the target device's node.
+def export_and_measure(chosen: list[dict], run_dir: str, input_shape: tuple[int, ...], deployed: DeployedFn,
+                       device: str | None, devices_file: str | None, precision: str = "fp32") -> list[dict]:
+    """Write each chosen subnet as deployed (`deployed(arch_jsons)`: BN recalibrated, verified ONNX at the
+    deploy precision, from the evaluator actors) to run_dir/onnx; measure it on the target device's node.
 
     Each record's `onnx` is relative to run_dir, so the run reads the same wherever it is copied. Each
     subnet's export (and then its measurement) is recorded in `exports/subnet_<i>.json`, with the ONNX
     bytes' digest: a re-run (a killed pipeline's) reuses what that record vouches for and redoes
-    the rest, including an ONNX file that does not match its record (torn, or from an older run).
+    the rest, including an ONNX file that does not match its record (torn, or from an older run, or at
+    another precision).
     """
-    from raynas.hw.onnx_export import export_onnx
-
-    records, reused = [], 0  # per subnet: what its `exports/subnet_<i>.json` holds
+    records: list[dict | None] = []  # per subnet: what its `exports/subnet_<i>.json` holds
     for i, rec in enumerate(chosen):
-        location = storage.join(run_dir, "onnx", f"subnet_{i}.onnx")
-        done = _stored_export(location, _record_of(run_dir, i), rec["arch"])
-        if done is None:
-            subnet = supernet.extract(Arch.from_json(rec["arch"]))
-            check = export_onnx(subnet, supernet.input_shape(1), location)
-            done = {"arch": rec["arch"], "onnx": f"onnx/subnet_{i}.onnx", "onnx_max_abs_diff": check["max_abs_diff"],
-                    "onnx_sha256": _digest(storage.read_bytes(location, "onnx"))}
-            storage.write_json(_record_of(run_dir, i), done)
-        else:
-            reused += 1
-        records.append(done)
+        done = _stored_export(storage.join(run_dir, "onnx", f"subnet_{i}.onnx"), _record_of(run_dir, i), rec["arch"])
+        records.append(done if done is not None and done.get("precision", "fp32") == precision else None)
+    missing = {chosen[i]["arch"]: i for i, done in enumerate(records) if done is None}
+    for arch, (model, info) in (deployed(list(missing)) if missing else ()):
+        i = missing[arch]
+        storage.write_bytes(storage.join(run_dir, "onnx", f"subnet_{i}.onnx"), model)
+        records[i] = {"arch": arch, "onnx": f"onnx/subnet_{i}.onnx", **info, "onnx_sha256": _digest(model)}
+        storage.write_json(_record_of(run_dir, i), records[i])
     todo = [i for i, done in enumerate(records) if device and done.get("device") != device]
-    log(f"[search] export: {len(records)} subnets, {reused} already exported, {len(todo)} to measure")
+    log(f"[search] export at {precision}: {len(records)} subnets, {len(records) - len(missing)} already exported, "
+        f"{len(todo)} to measure")
     if todo:
         from raynas.hw.devices import get_device
         from raynas.hw.remote import start_profiler
 
         profiler = start_profiler(get_device(device, devices_file))
-        # The device's node receives the models' bytes: it need not see run_dir.
+        # The device's node receives the models' bytes (already at the deploy precision): it need not see run_dir.
         items = [(records[i]["onnx"], storage.read_bytes(storage.join(run_dir, records[i]["onnx"]), "onnx"),
-                  supernet.input_shape(1)) for i in todo]
+                  input_shape) for i in todo]
         try:
             timings = profiler.measure(items)
         finally:
             profiler.stop()
         for i, t in zip(todo, timings):
             records[i].update(measured_ms=t["median_ms"], measured_iqr_ms=t["iqr_ms"], measured_runs=t["runs"],
-                              measured_reference_ms=t.get("reference_ms"),
+                              measured_reference_ms=t.get("reference_ms"), measured_energy_mj=t.get("energy_mj"),
                               measured_on=t["hostname"], measured_node=t["node_id"], device=device)
             storage.write_json(_record_of(run_dir, i), records[i])
     return [{**rec, **done} for rec, done in zip(chosen, records)]
+
+
+def deployed_on_actors(checkpoint: str, evaluator: EvaluatorConfig) -> DeployedFn:
+    """`deployed(arch_jsons)` for `export_and_measure`: evaluator actors (as many as there are subnets, up to
+    the configured number) export each subnet with its own recalibrated BN statistics."""
+
+    def deployed(arch_jsons: list[str]) -> Iterator[tuple[str, tuple[bytes, dict]]]:
+        pool = make_evaluator_pool(checkpoint, replace(evaluator, num_actors=min(evaluator.num_actors,
+                                                                                 len(arch_jsons))), method="export")
+        try:
+            yield from pool.map_unordered(arch_jsons)
+        finally:
+            pool.shutdown()
+
+    return deployed
 
 
 def _record_of(run_dir: str, i: int) -> str:
@@ -226,8 +244,10 @@ def _stored_export(location: str, record: str, arch: str) -> dict | None:
 
 def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     """Run the configured search end to end; returns a summary (also in the report)."""
+    from raynas.hw.energy_model import load_energy_model
     from raynas.hw.latency import load_latency_model
     from raynas.report.pareto_report import write_report
+    from raynas.report.references import reference_points
     from raynas.supernets.checkpoint import load_supernet
 
     if not cfg["checkpoint"]:
@@ -240,27 +260,36 @@ def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, resume)
     supernet = load_supernet(cfg["checkpoint"])
     lat = cfg["latency"]
+    precision = cfg["deploy"]["precision"]  # latency is predicted, measured and exported at the board's precision
     # live: a LUT, when given, still predicts (an estimate before measuring, kept beside the measurement)
     latency_model = None if live and not lat["lut"] else load_latency_model(
         "lut" if live else lat["model"], lat["lut"], supernet=supernet, device=lat["device"],
-        devices_file=lat["devices_file"])
+        devices_file=lat["devices_file"], precision=precision)
+    energy_model = load_energy_model(lat["lut"], supernet, lat["device"], lat["devices_file"], precision,
+                                     what="latency.lut") if uses_energy(cfg) else None
     s = cfg["search"]
-    ctx = SearchContext(space=supernet.space, estimate=estimate_fn(supernet, latency_model),
+    ctx = SearchContext(space=supernet.space, estimate=estimate_fn(supernet, latency_model, energy_model),
                         constraints=Constraints(**cfg["constraints"]), objectives=tuple(s["objectives"]),
                         seed=s["seed"])
     ev = cfg["evaluator"]
+    evaluator = EvaluatorConfig(data=cfg["data"], **ev, deploy=DeployConfig(**cfg["deploy"]))
     corrected = not live and _corrects(lat)
     found = search_front(run_dir, ctx, s, lat["device"], resume,
-                         lambda: make_evaluator_pool(cfg["checkpoint"], EvaluatorConfig(data=cfg["data"], **ev)),
+                         lambda: make_evaluator_pool(cfg["checkpoint"], evaluator),
                          pool_evaluator,
-                         live_latency=(lambda: _live_latency(supernet, lat)) if live or corrected else None,
+                         live_latency=(lambda: _live_latency(supernet, lat, precision)) if live or corrected else None,
                          correction=(lambda measure: LiveCorrection(
-                             measure, latency_model, _calibration_of(supernet, lat), run_dir, ctx,
+                             measure, latency_model, _calibration_of(supernet, lat, precision), run_dir, ctx,
                              lat["correction_per_generation"])) if corrected else None)
     records, front = found.records, found.front
-    chosen = spread_along_front(front, cfg["export"]["top_k"])
-    exported = export_and_measure(supernet, chosen, run_dir, lat["device"] if cfg["export"]["measure"] else None,
-                                  lat["devices_file"])
+    measure_on = lat["device"] if cfg["export"]["measure"] else None
+
+    def export(chosen: list[dict], where: str, precision: str = precision) -> list[dict]:
+        return export_and_measure(chosen, where, supernet.input_shape(1),
+                                  deployed_on_actors(cfg["checkpoint"], evaluator), measure_on, lat["devices_file"],
+                                  precision)
+
+    exported = export(spread_along_front(front, cfg["export"]["top_k"]), run_dir)
     for rec in exported:  # the prediction at the device's speed when it measured (see raynas.hw.measure)
         if rec.get("measured_reference_ms") and latency_model is not None:
             rec["predicted_at_measurement_ms"] = latency_model.predict_at(Arch.from_json(rec["arch"]),
@@ -272,12 +301,17 @@ def run_search_job(cfg: dict[str, Any], resume: bool = False) -> dict[str, Any]:
         "evaluations": len(records), "evaluations_reused": found.reused,
         "feasible": sum(r["feasible"] for r in records), "front": len(front),
         "best_accuracy": max((r["accuracy"] for r in front), default=float("nan")),
-        "latency_model": lat["model"], "device": lat["device"], "actors": ev["num_actors"],
+        "latency_model": lat["model"], "device": lat["device"], "precision": precision,
+        "actors": ev["num_actors"],
         "actors_replaced": found.actors_replaced, "profilers_replaced": found.profilers_replaced,
         "live_measured": len(found.live[0]) if found.live else 0,
         "wall_s": round(time.time() - started, 1),
     }
-    report = write_report(run_dir, summary, records, front, exported, found.live)
+    # The space's reference models, exported and measured as the front was: same device, same precision.
+    references = reference_points(supernet.space, ctx.estimate, run_dir, export, precision,
+                                  "accuracy_deployed" if cfg["deploy"]["quantized_accuracy"] else "accuracy_supernet")
+    report = write_report(run_dir, summary, records, front, exported, found.live, space=supernet.space,
+                          references=references)
     log(f"[search] done: {len(records)} evaluations, front of {len(front)}, report {storage.display(report)}")
     return {**summary, "run_dir": run_dir}
 

@@ -9,6 +9,7 @@ from typing import Any
 from raynas import config as c
 from raynas.errors import ConfigError
 from raynas.registry import Registry
+from raynas.space.references import parse_references
 from raynas.space.space import SearchSpace, SpaceError
 
 # family name -> module declaring `FAMILY_KEYS` (its YAML keys besides COMMON_KEYS) and implementing
@@ -22,7 +23,7 @@ FAMILIES = Registry("family", {
     "mbv3": "raynas.supernets.mbv3",
 }, error=SpaceError)
 
-COMMON_KEYS = ("name", "family", "description", "resolution", "num_classes", "in_channels")
+COMMON_KEYS = ("name", "family", "description", "resolution", "num_classes", "in_channels", "references")
 
 
 def builtin_spaces_dir() -> Path:
@@ -64,6 +65,7 @@ def space_from_config(cfg: Mapping[str, Any], **overrides: Any) -> SearchSpace:
         module = family_module(family)
         c.check_known(cfg, COMMON_KEYS + module.FAMILY_KEYS, f"space {name}")
         space = module.build_space(cfg)
+        space.references = parse_references(space, cfg.get("references"), f"space {name}.references")
     except ConfigError as exc:  # the one place a family's config-layer error becomes the space's error type
         raise SpaceError(str(exc)) from None
     space.config = dict(cfg)  # the full declaration, so a checkpoint can rebuild exactly this space

@@ -11,6 +11,7 @@ import numpy as np
 
 from raynas.errors import UserError
 from raynas.space.arch import Arch
+from raynas.space.summary import compact
 
 
 class SpaceError(UserError, ValueError):
@@ -72,6 +73,10 @@ class SearchSpace:
         settings of blocks beyond the sampled depth are reset), so equal networks hash equal.
       * `min_arch()` / `max_arch()` give the smallest and largest subnet (sandwich rule).
       * `log10_cardinality()` counts distinct networks (after canonicalisation).
+      * `arch_summary(arch)` renders an arch in one short line for reports (raynas.space.summary).
+
+    `references`: the well-known models the space holds (name -> `Reference`), declared under
+    `references:` in its YAML and checked against it when it loads (raynas.space.references).
     """
 
     name: str
@@ -81,6 +86,7 @@ class SearchSpace:
     num_classes: int = 1000
     in_channels: int = 3
     config: dict = field(default_factory=dict)
+    references: dict = field(default_factory=dict)
 
     def __post_init__(self):
         names = [d.name for d in self.dims]
@@ -163,6 +169,10 @@ class SearchSpace:
     @property
     def upper_bounds(self) -> np.ndarray:
         return np.array([d.size - 1 for d in self.dims], dtype=np.int64)
+
+    def arch_summary(self, arch: Mapping[str, Any]) -> str:
+        """`arch` in one short line (report tables); families override it with their stage layout."""
+        return compact(arch)
 
     def summary(self) -> dict[str, Any]:
         return {

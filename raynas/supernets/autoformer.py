@@ -31,6 +31,7 @@ from raynas.nn.dynamic import DynamicLayerNorm, DynamicLinear
 from raynas.nn.layers import ClassifierHead, classify
 from raynas.space import Arch, SearchSpace
 from raynas.space.space import Dim, SpaceError
+from raynas.space.summary import per_block
 from raynas.supernets.base import Block, Supernet, declared_fields
 
 FAMILY_KEYS = ("patch_size", "head_dim", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
@@ -95,6 +96,12 @@ class AutoFormerSpace(SearchSpace):
             values[heads_name(i)] = self.spec.num_heads[0]
             values[mlp_ratio_name(i)] = self.spec.mlp_ratios[0]
         return values
+
+    def arch_summary(self, arch: Mapping[str, Any]) -> str:
+        """`192x12 h3 r4`: embed dim x depth, then the blocks' heads and MLP ratios (one value when they agree)."""
+        blocks = range(arch[depth_name()])
+        return (f"{arch[embed_dim_name()]}x{len(blocks)} h{per_block(arch[heads_name(i)] for i in blocks)} "
+                f"r{per_block(arch[mlp_ratio_name(i)] for i in blocks)}")
 
     def log10_cardinality(self) -> float:
         per_block = len(self.spec.num_heads) * len(self.spec.mlp_ratios)

@@ -29,6 +29,7 @@ from raynas import config as c
 from raynas.nn.layers import conv_out_size
 from raynas.space import Arch, SearchSpace
 from raynas.space.space import Dim, SpaceError
+from raynas.space.summary import short
 from raynas.supernets.autovit_blocks import (
     DynamicMBPoolHead,
     DynamicMobileVitBlock,
@@ -179,6 +180,26 @@ class AutoVitSpace(SearchSpace):
                 if len(choices) > 1:
                     values[f"{st.name}.{field}"] = choices[0]
         return values
+
+    def arch_summary(self, arch: Mapping[str, Any]) -> str:
+        """`s16|24x1|32x2|48x2|T64x2 h7 r1.5|...|head1280`: stem width, each MBConv stage's width x depth (and
+        expansion, kernel where searched), each active transformer stage's width x depth, heads and MLP
+        ratio, and the head width."""
+        spec = self.spec
+        parts = [f"s{self.value(arch, 'stem.width', spec.stem_widths)}"]
+        for st in spec.conv_stages:
+            (_, widths), (_, depths), *searched = _conv_fields(st)
+            text = f"{self.value(arch, f'{st.name}.width', widths)}x{self.value(arch, f'{st.name}.depth', depths)}"
+            for (field, choices), letter in zip(searched, "ek"):
+                if len(choices) > 1:
+                    text += f" {letter}{short(arch[f'{st.name}.{field}'])}"
+            parts.append(text)
+        for st in spec.transformer_stages[: self.active_stages(arch)]:
+            width, depth, heads, ratio = (short(self.value(arch, f"{st.name}.{f}", choices))
+                                          for f, choices in _transformer_fields(st))
+            parts.append(f"T{width}x{depth} h{heads} r{ratio}")
+        parts.append(f"head{self.value(arch, 'head.width', spec.head_widths)}")
+        return "|".join(parts)
 
     def log10_cardinality(self) -> float:
         """Exact count of distinct networks: inactive transformer stages contribute one setting."""

@@ -135,6 +135,38 @@ class Composite(ABC):
     def deployable(self) -> Supernet: ...
 
 
+class ProgressiveShrinking(ABC):
+    """A space whose dims fall into the groups of OFA's progressive shrinking (Cai et al. 2020).
+
+    `progressive_groups()` maps a group name (e.g. kernel, depth, width) to the dims it releases, in the
+    family's default order; dims in no group are elastic in every phase (as OFA's input resolution)."""
+
+    @abstractmethod
+    def progressive_groups(self) -> dict[str, tuple[str, ...]]: ...
+
+
+class StageFeatures(ABC):
+    """A supernet that can also return its stage outputs (feature distillation): `forward(x, arch,
+    features=True)` is `forward_features(x, arch)` = (logits, [output of each stage]), going through
+    `forward` so that a DDP wrapper sees the pass."""
+
+    @abstractmethod
+    def forward_features(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, Any]: ...
+
+
+def families_implementing(interface: type) -> list[str]:
+    """The registered families whose module defines a class implementing `interface` (for error messages)."""
+    from raynas.space.loader import FAMILIES
+
+    out = []
+    for family in FAMILIES.names():
+        module = FAMILIES.find(family)
+        if any(isinstance(v, type) and issubclass(v, interface) and v.__module__ == module.__name__
+               for v in vars(module).values()):
+            out.append(family)
+    return out
+
+
 # fn(arch, or None for the teacher) -> {conv slot name: full-size weight}; slots left out keep stored weights.
 WeightGenerator = Callable[[Arch | None], Mapping[str, torch.Tensor]]
 

@@ -30,7 +30,15 @@ from raynas import config as c
 from raynas.nn.dynamic import make_divisible
 from raynas.nn.layers import DynamicInvertedResidual, conv_out_size
 from raynas.space import Arch, Dim, SearchSpace, SpaceError
-from raynas.supernets.base import Block, StageSpec, Supernet, declared_fields
+from raynas.space.summary import per_block, short
+from raynas.supernets.base import (
+    Block,
+    ProgressiveShrinking,
+    StageFeatures,
+    StageSpec,
+    Supernet,
+    declared_fields,
+)
 from raynas.supernets.mbv3_blocks import (
     ACTIVATIONS,
     BlockPlan,
@@ -174,7 +182,7 @@ def stage_dim(s: int, field_name: str, j: int | None = None) -> str:
 
 
 @dataclass
-class MBV3Space(SearchSpace):
+class MBV3Space(SearchSpace, ProgressiveShrinking):
     structure: MBV3Structure | None = None
     _width_rep: dict = field(default_factory=dict, repr=False)
 
@@ -198,6 +206,26 @@ class MBV3Space(SearchSpace):
                 values[stage_dim(s, "kernel", j)] = st.kernels[0]
                 values[stage_dim(s, "expand", j)] = st.expansions[0]
         return values
+
+    def arch_summary(self, arch: Mapping[str, Any]) -> str:
+        """`r224 w1|d2 k3 e4|d4 k3 e6222|...`: resolution and width multiplier, then per stage its depth and
+        its blocks' kernels and expansions (one value when the blocks agree)."""
+        stages = []
+        for s in range(len(self.structure.stages)):
+            blocks = range(arch[stage_dim(s, "depth")])
+            stages.append(f"d{len(blocks)} k{per_block(arch[stage_dim(s, 'kernel', j)] for j in blocks)} "
+                          f"e{per_block(arch[stage_dim(s, 'expand', j)] for j in blocks)}")
+        return "|".join([f"r{arch['resolution']} w{short(arch['width'])}", *stages])
+
+    def progressive_groups(self) -> dict[str, tuple[str, ...]]:
+        """OFA's order: elastic kernel, then depth, then width. OFA's "width" of a MobileNetV3 is the
+        expansion ratio; the global width multiplier scales channels too, so it is released with it.
+        Resolution belongs to no group: OFA samples it in every phase."""
+        stages = list(enumerate(self.structure.stages))
+        blocks = [(s, j) for s, st in stages for j in range(max(st.depths))]
+        return {"kernel": tuple(stage_dim(s, "kernel", j) for s, j in blocks),
+                "depth": tuple(stage_dim(s, "depth") for s, _ in stages),
+                "width": ("width", *(stage_dim(s, "expand", j) for s, j in blocks))}
 
     def cardinality(self) -> int:
         """Exact number of distinct networks (after canonicalisation)."""
@@ -238,7 +266,7 @@ class SubnetPlan:
     head: HeadPlan
 
 
-class MBV3Supernet(Supernet):
+class MBV3Supernet(Supernet, StageFeatures):
     """Weight-entangled OFA-style MobileNetV3 supernet: stem, `stages[s][j]` blocks, head."""
 
     def __init__(self, space: MBV3Space, dropout: float | None = None):
@@ -320,18 +348,45 @@ class MBV3Supernet(Supernet):
     def forward_slots(self, h: torch.Tensor, arch: Mapping[str, Any] | None = None, start: int = 0,
                       end: int | None = None) -> torch.Tensor:
         """The arch's active blocks whose slot index is in [start, end) (`self.slots` order)."""
+        return self.forward_slot_features(h, arch, start, end)[0]
+
+    def stage_ends(self) -> tuple[int, ...]:
+        """The slot index one past each stage's last slot: where a stage's output is taken."""
+        slots = self.slots
+        return tuple(i + 1 for i, (s, _) in enumerate(slots) if i + 1 == len(slots) or slots[i + 1][0] != s)
+
+    def forward_slot_features(self, h: torch.Tensor, arch: Mapping[str, Any] | None = None, start: int = 0,
+                              end: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward_slots`, and the output of every stage that ends in (start, end]: the tensor at that
+        stage boundary (whatever the arch's depth, so two archs give features at the same places)."""
         plan = self.plan(self._arch(arch))
+        end = len(self.slots) if end is None else end
+        bounds = [b for b in self.stage_ends() if start < b <= end]
+        features: list[torch.Tensor] = []
         for i, p in self._range(plan, start, end):
+            while len(features) < len(bounds) and i >= bounds[len(features)]:
+                features.append(h)
             s, j = self.slots[i]
             h = self.stages[s][j](h, **p.choice())
-        return h
+        features += [h] * (len(bounds) - len(features))
+        return h, features
 
     def forward_head(self, h: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
         return self.head(h, self.plan(self._arch(arch)).head)
 
-    def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None, *,
+                features: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        if features:
+            return self.forward_features(x, arch)
         arch = self._arch(arch)  # None: the largest subnet is the teacher
         return self.forward_head(self.forward_slots(self.forward_stem(x, arch), arch), arch)
+
+    def forward_features(self, x: torch.Tensor, arch: Mapping[str, Any] | None = None
+                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits, output of each stage): what feature distillation compares."""
+        arch = self._arch(arch)
+        h, features = self.forward_slot_features(self.forward_stem(x, arch), arch)
+        return self.forward_head(h, arch), features
 
     # ---- extraction and cost -------------------------------------------------------------------
     def blocks(self, arch: Mapping[str, Any], resolution: int | None = None, *, stem: bool = True,

@@ -112,6 +112,10 @@ class NB201Space(SearchSpace):
                 values[edge_name(j, int(src))] = op
         return self.validate(values)
 
+    def arch_summary(self, arch: Mapping[str, Any]) -> str:
+        """The benchmark's own spelling of the cell (`arch_str`), which its readers know."""
+        return self.arch_str(arch)
+
     # ---- analytic cost -------------------------------------------------------------------------
     def _check_resolution(self, r: int) -> None:
         step = 2 ** (len(self.channels) - 1)

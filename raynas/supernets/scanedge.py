@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from raynas import config as c
 from raynas.nn.layers import conv_out_size
 from raynas.space import Arch, SearchSpace
 from raynas.space.space import Dim
+from raynas.space.summary import per_block
 from raynas.supernets.base import Block, StageSpec, Supernet, declared_fields
 from raynas.supernets.scanedge_blocks import (
     DynamicAttentionEmbedding,
@@ -210,6 +211,26 @@ class ScanEdgeSpace(SearchSpace):
                     values[block_dim(i, j, "mhsa_act")] = stage.mhsa.acts[0]
         return values
 
+    def arch_summary(self, arch: Mapping[str, Any]) -> str:
+        """`stem g|32x2 u k3 e4 g|...|ds e4g 176x4 u k3 e4334 g m0044g`: the stem's activation, then per stage
+        an attention embedding (`ds` expansion, activation), width x depth and its blocks' FFN type (u/f),
+        kernels, expansions, activations (r/g) and MHSA expansions (0: none) with the active ones'
+        activations; a field reads as one value when the blocks agree."""
+        parts = [f"stem {_initial(arch['stem.act'])}"]
+        for i, stage in enumerate(self.spec.stages):
+            blocks = range(arch[f"{stage_name(i)}.depth"])
+            ffn, kernel, expansion, act = (_per_block(arch, i, f, blocks)
+                                           for f in ("ffn", "kernel", "expansion", "act"))
+            text = f"{arch[f'{stage_name(i)}.width']}x{len(blocks)} {ffn} k{kernel} e{expansion} {act}"
+            if stage.mhsa is not None:
+                attending = [j for j in blocks if arch[block_dim(i, j, "mhsa")] != NO_MHSA]
+                text += f" m{_per_block(arch, i, 'mhsa', blocks)}{_per_block(arch, i, 'mhsa_act', attending)}"
+            if stage.embed is not None and stage.embed.type == "mhsa_ds":
+                e = embed_name(i)
+                text = f"ds e{arch[f'{e}.expansion']}{_initial(arch[f'{e}.act'])} {text}"
+            parts.append(text)
+        return "|".join(parts)
+
     def log10_cardinality(self) -> float:
         spec = self.spec
         networks = len(spec.stem_acts)
@@ -222,6 +243,17 @@ class ScanEdgeSpace(SearchSpace):
                 embed = len(stage.embed.expansions) * len(stage.embed.acts)
             networks *= len(stage.widths) * embed * sum(per_block**d for d in stage.depths)
         return math.log10(networks)
+
+
+def _initial(value: Any) -> Any:
+    """A string choice by its first letter in summaries (unified/fused, relu/gelu); numbers as they are."""
+    return value[0] if isinstance(value, str) else value
+
+
+def _per_block(arch: Mapping[str, Any], i: int, field: str, blocks: Iterable[int]) -> str:
+    """Block field `field` of stage i over `blocks` for a summary ('' for no blocks)."""
+    values = [_initial(arch[block_dim(i, j, field)]) for j in blocks]
+    return per_block(values) if values else ""
 
 
 def _dims(spec: ScanEdgeSpec) -> list[Dim]:

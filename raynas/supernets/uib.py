@@ -33,6 +33,7 @@ from raynas import config as c
 from raynas.nn.dynamic import make_divisible
 from raynas.nn.layers import DynamicConvNormAct, act_fn, act_layer
 from raynas.space import Arch, Dim, SearchSpace, SpaceError
+from raynas.space.summary import short
 from raynas.supernets.base import Block, StageSpec, TopologySupernet, WeightGenerator, declared_fields
 from raynas.supernets.uib_blocks import (
     ACTIVATIONS,
@@ -46,6 +47,10 @@ from raynas.supernets.uib_blocks import (
 FAMILY_KEYS = ("stem", "ops", "stages", "head", "activation", "named_archs")
 STAGE_KEYS = ("channels", "depth", "kernels", "expand", "stride")
 HEAD_KEYS = ("channels", "hidden", "dropout", "activation")
+
+
+# One letter per op in arch summaries.
+OP_LETTERS = {"extra_dw": "X", "ib": "I", "convnext": "C", "ffn": "F"}
 
 
 # ---- declaration -------------------------------------------------------------------------------
@@ -158,6 +163,18 @@ class UIBSpace(SearchSpace):
                 if i >= depth or not op_has_mid_dw(op):
                     values[k2_f] = st.kernels[0]
         return values
+
+    def arch_summary(self, arch: Mapping[str, Any]) -> str:
+        """`16x2 I3 F|24x2 X33 X53|...`: per stage channels x depth, then each block's op (X extra_dw,
+        I ib, C convnext, F ffn) followed by the kernels it uses (k1, k2) and, where searched, `e` expansion."""
+        parts = []
+        for s, st in enumerate(self.spec.stages):
+            blocks = [OP_LETTERS[b["op"]] + (str(b["k1"]) if op_has_start_dw(b["op"]) else "")
+                      + (str(b["k2"]) if op_has_mid_dw(b["op"]) else "")
+                      + (f"e{short(b['expand'])}" if len(st.expansions) > 1 else "")
+                      for b in self.stage_blocks(arch, s)]
+            parts.append(" ".join([f"{arch[stage_field(s, 'channels')]}x{len(blocks)}", *blocks]))
+        return "|".join(parts)
 
     def block_configurations(self, s: int) -> int:
         """Distinct configurations of one active block of stage `s` (op x its kernels x expansion)."""

@@ -55,7 +55,7 @@ def run_name(value: Any, field: str = "name") -> str | None:
     return value
 
 
-def _strategy_section(value: Any) -> dict[str, Any]:
+def _strategy_section(value: Any, epochs: int) -> dict[str, Any]:
     """`strategy: sandwich` or `strategy: {name: sandwich, num_random: 2}` -> validated options."""
     from raynas.train.strategies import get_strategy_class
 
@@ -65,6 +65,7 @@ def _strategy_section(value: Any) -> dict[str, Any]:
         c.fail("strategy", f"got {value!r}", "a strategy name or a mapping with 'name'")
     cls = get_strategy_class(value["name"])
     options = cls.validate_options({k: v for k, v in value.items() if k != "name"}, where="strategy")
+    cls.check_epochs(options, epochs, where="strategy")  # e.g. progressive shrinking's phases fill the run
     return {"name": value["name"], **options}
 
 
@@ -113,7 +114,7 @@ def validate_train_config(cfg: Mapping[str, Any], *, check_files: bool = True) -
     c.integer(out["seed"], "seed", 0)
     c.integer(out["log_every"], "log_every", 0)
     out["data"] = validate_data_config(out["data"], check_files=check_files)
-    out["strategy"] = _strategy_section(out["strategy"])
+    out["strategy"] = _strategy_section(out["strategy"], out["epochs"])
     out["optimizer"] = _optimizer(cfg)
 
     sched = out["scheduler"] = c.section(cfg, "scheduler", SECTIONS["scheduler"])

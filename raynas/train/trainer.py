@@ -60,14 +60,14 @@ def plan_run(cfg: Mapping[str, Any]) -> RunPlan:
     from raynas.data import dataset_num_classes
     from raynas.space import load_space
     from raynas.supernets import build_supernet
-    from raynas.train.strategies import get_strategy_class
+    from raynas.train.strategies import check_strategy
 
     cfg = validate_train_config(cfg)
     if cfg["name"] is None:
         raise ConfigError("name: missing (give the run a name, e.g. --name)")
     num_classes = dataset_num_classes(cfg["data"])
     space = load_space(cfg["space"], resolution=cfg["resolution"], num_classes=num_classes)
-    get_strategy_class(cfg["strategy"]["name"]).check_space(space)
+    check_strategy(cfg["strategy"], space)
     try:
         build_supernet(space, **cfg["supernet"])
     except (TypeError, UserError) as exc:  # e.g. an option the family's builder does not take

@@ -27,16 +27,21 @@ class Constraints:
     max_latency_ms: float | None = None
     max_params: int | None = None
     max_macs: int | None = None
+    max_energy_mj: float | None = None  # energy per inference above idle (raynas.hw.energy_model)
+
+    def active(self) -> list[tuple[str, float]]:
+        """The bounds set, as (record field, bound), in a fixed order."""
+        return [(key, bound) for key, bound in (("latency_ms", self.max_latency_ms), ("params", self.max_params),
+                                                ("macs", self.max_macs), ("energy_mj", self.max_energy_mj))
+                if bound is not None]
 
     def violations(self, est: Record) -> list[float]:
         """Relative violations (<= 0 means satisfied), one per active bound, in a fixed order. A value not
         known yet (NaN: a latency measured live, before its measurement) violates nothing."""
         out = []
-        for key, bound in (("latency_ms", self.max_latency_ms), ("params", self.max_params),
-                           ("macs", self.max_macs)):
-            if bound is not None:
-                value = float(est[key])
-                out.append(0.0 if math.isnan(value) else value / float(bound) - 1.0)
+        for key, bound in self.active():
+            value = float(est[key])
+            out.append(0.0 if math.isnan(value) else value / float(bound) - 1.0)
         return out
 
     def feasible(self, est: Record) -> bool:
@@ -46,7 +51,8 @@ class Constraints:
 @dataclass
 class SearchContext:
     space: SearchSpace
-    estimate: Callable[[Arch], Record]  # cheap: {"latency_ms", "params", "macs"} without training data
+    # cheap: {"latency_ms", "params", "macs"} (and "energy_mj" when energy is asked) without training data
+    estimate: Callable[[Arch], Record]
     constraints: Constraints = field(default_factory=Constraints)
     objectives: tuple[str, ...] = ("accuracy", "latency_ms")  # accuracy maximised, the rest minimised
     seed: int = 0

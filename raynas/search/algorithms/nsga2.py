@@ -27,7 +27,7 @@ class NSGA2Search(SearchAlgorithm):
                  crossover_eta: float = 15.0, mutation_eta: float = 20.0, seed_extremes: bool = True):
         super().__init__(ctx, budget)
         space = ctx.space
-        self.n_constr = len(ctx.constraints.violations({"latency_ms": 1.0, "params": 1, "macs": 1}))
+        self.n_constr = len(ctx.constraints.active())
         self.problem = Problem(n_var=len(space.dims), n_obj=len(ctx.objectives), n_ieq_constr=self.n_constr,
                                xl=np.zeros(len(space.dims)), xu=space.upper_bounds.astype(float), vtype=int)
         self.algorithm = NSGA2(

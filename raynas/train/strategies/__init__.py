@@ -91,13 +91,21 @@ def get_strategy_class(name: str) -> type[Strategy]:
     return cls
 
 
+def check_strategy(options: dict, space) -> None:
+    """Everything about a validated `strategy:` section that depends on the space (the driver, before compute)."""
+    options = dict(options)
+    cls = get_strategy_class(options.pop("name"))
+    cls.check_fit(cls.validate_options(options), space)
+
+
 def build_strategy(options: dict, space, seed: int) -> Strategy:
     """A strategy from a validated `strategy:` section ({name: ..., options...})."""
     options = dict(options)
     cls = get_strategy_class(options.pop("name"))
-    cls.check_space(space)
-    return cls(space, cls.validate_options(options), seed)
+    options = cls.validate_options(options)
+    cls.check_fit(options, space)
+    return cls(space, options, seed)
 
 
-__all__ = ["ENTRY_POINT_GROUP", "STRATEGIES", "StepContext", "Strategy", "build_strategy", "get_strategy_class",
-           "load_plugins", "register_strategy", "strategy_names"]
+__all__ = ["ENTRY_POINT_GROUP", "STRATEGIES", "StepContext", "Strategy", "build_strategy", "check_strategy",
+           "get_strategy_class", "load_plugins", "register_strategy", "strategy_names"]

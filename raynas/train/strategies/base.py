@@ -24,8 +24,10 @@ from torch import nn
 
 from raynas import config as c
 from raynas.space import Arch, SearchSpace
+from raynas.train.samplers import NO_DIMS, ProgressiveSchedule, check_progressive_epochs, validate_progressive
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+FeatureLossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
@@ -72,12 +74,25 @@ class StepContext:
         all-reduces everything accumulated since the previous step. Returns (detached fp32 logits,
         detached loss).
         """
+        logits, _, loss = self._pass(x, arch, loss_fn, sync, scale, features=False)
+        return logits, loss
+
+    def forward_backward_features(self, x: torch.Tensor, arch: Any, loss_fn: FeatureLossFn, *, sync: bool = True,
+                                  scale: float = 1.0) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """`forward_backward` for feature distillation: the model (a `StageFeatures` supernet) also returns
+        its stage outputs, and the loss is loss_fn(logits, features). Returns (detached fp32 logits,
+        detached fp32 features, detached loss)."""
+        return self._pass(x, arch, loss_fn, sync, scale, features=True)
+
+    def _pass(self, x, arch, loss_fn, sync: bool, scale: float, features: bool):
         with self._sync_context(sync):
             with self.autocast():
-                logits = self.model(x, arch)
-            loss = loss_fn(logits.float())
+                # through the (DDP) wrapper's forward either way: DDP prepares its gradient sync there
+                out = self.model(x, arch, features=True) if features else self.model(x, arch)
+            logits, feats = (out[0], _to_float(out[1])) if features else (out, None)
+            loss = loss_fn(logits.float(), feats) if features else loss_fn(logits.float())
             self.scaler.scale(loss * scale).backward()
-        return logits.detach().float(), loss.detach()
+        return logits.detach().float(), _detached(feats), loss.detach()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, arch: Arch | None) -> torch.Tensor:
@@ -99,6 +114,21 @@ class StepContext:
         self.scaler.update()
         for opt in opts:
             opt.zero_grad(set_to_none=True)
+
+
+def _to_float(tree: Any) -> Any:
+    """fp32 copies of the tensors in a (nested) list/tuple of features (AMP passes give fp16/bf16)."""
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_float(t) for t in tree)
+    return tree.float()
+
+
+def _detached(tree: Any) -> Any:
+    if tree is None:
+        return None
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_detached(t) for t in tree)
+    return tree.detach()
 
 
 def rng_state_json(rng: np.random.Generator) -> str:
@@ -129,18 +159,32 @@ class Strategy:
     # True when the strategy initialises the supernet from a checkpoint of its own choosing (`init_from`):
     # a size-specific chain cannot hand it inherited weights
     LOADS_WEIGHTS: ClassVar[bool] = False
+    # True when the strategy draws its subnets through the samplers with `held_dims(epoch)`: it then takes
+    # the `progressive` option (OFA progressive shrinking, raynas.train.samplers.ProgressiveSchedule)
+    PROGRESSIVE: ClassVar[bool] = False
 
     def __init__(self, space: SearchSpace, options: Mapping[str, Any], seed: int):
         self.space = space
         self.options = {**self.DEFAULTS, **dict(options)}
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        progressive = self.options.get("progressive") if self.PROGRESSIVE else None
+        self.schedule = (ProgressiveSchedule.of(space, progressive, "strategy.progressive")
+                         if progressive is not None else None)
 
     # ---- configuration ---------------------------------------------------------------------------
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], where: str = "strategy") -> dict[str, Any]:
-        """Fill defaults, refuse unknown keys and wrong types; subclasses add range checks in `check`."""
+        """Fill defaults, refuse unknown keys and wrong types; subclasses add range checks in `check`.
+
+        A `PROGRESSIVE` strategy also takes `progressive`, which stays out of the options when not given
+        (off), so the configs of runs without it read as before."""
+        options = dict(c.mapping(options, where) if options is not None else {})
+        c.check_known(options, [*cls.DEFAULTS, *(["progressive"] if cls.PROGRESSIVE else [])], where)
+        progressive = options.pop("progressive", None) if cls.PROGRESSIVE else None
         out = c.with_defaults(options, cls.DEFAULTS, where)
+        if progressive is not None:
+            out["progressive"] = validate_progressive(progressive, c.join(where, "progressive"))
         for key, default in cls.DEFAULTS.items():
             value, field = out[key], c.join(where, key)
             if default is None or value is None:
@@ -166,6 +210,19 @@ class Strategy:
             c.fail("strategy", f"'{cls.name}' applies to families {list(cls.FAMILIES)}, not to space "
                    f"'{space.name}' (family '{space.family}')")
 
+    @classmethod
+    def check_fit(cls, options: Mapping[str, Any], space: SearchSpace, where: str = "strategy") -> None:
+        """`check_space`, then the validated options that depend on the space (before any compute)."""
+        cls.check_space(space)
+        if cls.PROGRESSIVE and options.get("progressive") is not None:
+            ProgressiveSchedule.of(space, options["progressive"], c.join(where, "progressive"))
+
+    @classmethod
+    def check_epochs(cls, options: Mapping[str, Any], epochs: int, where: str = "strategy") -> None:
+        """The validated options that depend on the run's number of epochs."""
+        if cls.PROGRESSIVE:
+            check_progressive_epochs(options.get("progressive"), epochs, c.join(where, "progressive"))
+
     # ---- model and optimizers --------------------------------------------------------------------
     def prepare_model(self, supernet: nn.Module) -> nn.Module:
         """The module to train (called as module(x, arch)); wrap the supernet to add parameters."""
@@ -187,6 +244,15 @@ class Strategy:
     # ---- training --------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Hook for schedules owned by the strategy (temperatures, warm-up phases)."""
+
+    def held_dims(self, epoch: int) -> frozenset[str]:
+        """The dims progressive shrinking holds at their largest choice in `epoch` (none when off). A
+        function of the epoch alone (`StepContext.epoch`), so a resumed run continues in its phase."""
+        return self.schedule.held(epoch) if self.schedule is not None else NO_DIMS
+
+    def progress_metrics(self, epoch: int) -> dict[str, float]:
+        """The phase index as a per-step metric when progressive shrinking is on (else nothing)."""
+        return {"progressive_phase": float(self.schedule.phase(epoch))} if self.schedule is not None else {}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict[str, float]:
         """One optimisation step on batch (x, y); returns scalar metrics, including 'loss'."""
