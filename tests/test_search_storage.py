@@ -30,6 +30,7 @@ from test_search_e2e import (  # noqa: F401  (module fixtures, shared)
 
 from raynas import storage
 from raynas.cli import main as cli_main
+from raynas.search.evaluator import EvaluatorConfig, SubnetEvaluator
 from raynas.search.results import ResultStore
 from raynas.space import Arch
 from raynas.supernets.checkpoint import load_supernet
@@ -91,12 +92,16 @@ def test_search_in_a_bucket_writes_only_there_and_resumes_from_it(ray_local, che
     # The exported subnets are in the bucket, verified ONNX equal to the PyTorch subnet, measured on the device.
     exported = storage.read_pandas(storage.join(run_dir, "exported.parquet"))
     assert len(exported) == min(TOP_K, len(front)) and (exported["measured_ms"] > 0).all()
-    supernet = load_supernet(ckpt)
+    # Exported with each subnet's own recalibrated BN statistics, as the evaluator actors scored it.
+    local = SubnetEvaluator(storage.read_bytes(ckpt), EvaluatorConfig(data={"name": "digits"}, bn_samples=256,
+                                                                      batch_size=256))
+    supernet = local.supernet
     x = torch.randn(supernet.input_shape(1), generator=torch.Generator().manual_seed(0))
     for rec in exported.to_dict("records"):
         assert rec["onnx"].startswith("onnx/")  # relative to run_dir, wherever run_dir is
         model = storage.read_bytes(storage.join(run_dir, rec["onnx"]))
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        local.evaluate(rec["arch"])
         with torch.no_grad():
             expected = supernet.extract(Arch.from_json(rec["arch"])).eval()(x).numpy()
         np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-4, rtol=1e-4)

@@ -182,8 +182,8 @@ def export_and_measure(chosen: list[dict], run_dir: str, input_shape: tuple[int,
         records[i] = {"arch": arch, "onnx": f"onnx/subnet_{i}.onnx", **info, "onnx_sha256": _digest(model)}
         storage.write_json(_record_of(run_dir, i), records[i])
     todo = [i for i, done in enumerate(records) if device and done.get("device") != device]
-    log(f"[search] export at {precision}: {len(records)} subnets, {len(records) - len(missing)} already exported, "
-        f"{len(todo)} to measure")
+    log(f"[search] export: {len(records)} subnets, {len(records) - len(missing)} already exported, "
+        f"{len(todo)} to measure (at {precision})")
     if todo:
         from raynas.hw.devices import get_device
         from raynas.hw.remote import start_profiler
