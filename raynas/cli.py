@@ -48,6 +48,9 @@ def cmd_spaces_show(args) -> None:
     info["dims"] = {d.name: list(d.choices) for d in space.dims}
     info["min_arch"] = space.min_arch().to_dict()
     info["max_arch"] = space.max_arch().to_dict()
+    # The well-known models the space holds (a search measures them beside its front), as one-line summaries.
+    info["references"] = {ref.name: {"description": ref.description, "arch": space.arch_summary(ref.arch)}
+                          for ref in space.references.values()}
     print(json.dumps(info, indent=1))
 
 

@@ -200,3 +200,11 @@ def test_write_report_shows_summaries_plots_references_and_keeps_full_archs(tmp_
     write_report(tmp_path / "without", summary, records, front, exported, space=space)
     assert _green_pixels(tmp_path / "without" / "pareto.png") == 0
     assert "## Reference models" not in (tmp_path / "without" / "report.md").read_text()
+
+
+def test_spaces_show_lists_the_references_as_summaries(capsys):
+    from raynas.cli import main
+
+    assert main(["spaces", "show", "mbv3-biglittle"]) == 0
+    refs = json.loads(capsys.readouterr().out)["references"]
+    assert refs["mobilenetv3-large"]["arch"] == MNV3_LARGE
