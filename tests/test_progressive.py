@@ -231,3 +231,20 @@ def test_progressive_feature_distillation_trains_through_ray_train(ray_local, tm
     metrics = pd.read_parquet(result.metrics_path).sort_values("epoch")
     assert list(metrics["progressive_phase"]) == [0.0, 1.0, 2.0] and list(metrics["world_size"]) == [2, 2, 2]
     assert (metrics["student_feature_loss"] > 0).all()
+
+
+def test_learning_rate_restarts_at_each_progressive_phase():
+    """OFA restarts the schedule per phase: the rate is back at its peak when a phase begins and decayed to
+    the floor just before the next one; without progressive shrinking the cosine spans the whole run."""
+    from raynas.train.optim import WarmupCosine
+
+    steps = 10  # per epoch; phases of 3, 3 and 6 epochs
+    fn = WarmupCosine(total_steps=12 * steps, warmup_steps=steps, min_ratio=0.0, restarts=(3 * steps, 6 * steps))
+    assert fn(0) == pytest.approx(0.1) and fn(steps) == pytest.approx(1.0)  # warm-up, then the first cosine
+    for start, end in ((3 * steps, 6 * steps), (6 * steps, 12 * steps)):
+        assert fn(start) == pytest.approx(1.0)
+        assert fn(end - 1) < 0.02
+        assert fn((start + end) // 2) == pytest.approx(0.5, abs=0.06)
+    whole = WarmupCosine(total_steps=12 * steps, warmup_steps=steps, min_ratio=0.0)
+    assert whole(3 * steps) < 1.0 and whole(6 * steps) == pytest.approx(
+        0.5 * (1 + np.cos(np.pi * 50 / 110)))

@@ -122,7 +122,8 @@ class WorkerRun:
 
         self._build_loaders()
         self.optimizers = self.strategy.configure_optimizers(self.module, optimizer_factory(cfg["optimizer"]))
-        self.schedulers = {name: build_scheduler(opt, cfg["scheduler"], self.steps_per_epoch, self.num_epochs)
+        self.schedulers = {name: build_scheduler(opt, cfg["scheduler"], self.steps_per_epoch, self.num_epochs,
+                                                 self.strategy.lr_restart_epochs())
                            for name, opt in self.optimizers.items()}
         self.amp_dtype = amp_dtype_for(cfg["precision"], self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)

@@ -39,27 +39,37 @@ def optimizer_factory(cfg: dict[str, Any]):
 
 class WarmupCosine:
     """Multiplier of the base learning rate at optimizer step t: linear warm-up, then cosine to
-    `min_ratio` (or constant). A class, not a lambda, so LambdaLR can checkpoint it."""
+    `min_ratio` (or constant). A class, not a lambda, so LambdaLR can checkpoint it.
 
-    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float, cosine: bool = True):
+    `restarts`: steps at which the cosine starts again from the full rate, decaying to `min_ratio` by the
+    next restart (or the end): OFA restarts its schedule for each progressive-shrinking phase, because a
+    phase trains newly released subnets, which a rate decayed over the whole run would barely move."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float, cosine: bool = True,
+                 restarts: tuple[int, ...] = ()):
         self.total_steps, self.warmup_steps = max(1, total_steps), warmup_steps
         self.min_ratio, self.cosine = min_ratio, cosine
+        self.restarts = tuple(r for r in restarts if 0 < r < self.total_steps)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if not self.cosine:
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        start = max((r for r in self.restarts if r <= step), default=self.warmup_steps)
+        end = min((r for r in self.restarts if r > step), default=self.total_steps)
+        progress = min(1.0, (step - start) / max(1, end - start))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule over the whole run (stepped after every optimizer step)."""
+                    epochs: int, restart_epochs: tuple[int, ...] = ()) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule over the whole run (stepped after every optimizer step); the cosine starts again
+    at each of `restart_epochs` (see WarmupCosine)."""
     fn = WarmupCosine(total_steps=steps_per_epoch * epochs,
                       warmup_steps=int(round(cfg["warmup_epochs"] * steps_per_epoch)),
-                      min_ratio=cfg["min_lr_ratio"], cosine=cfg["name"] == "cosine")
+                      min_ratio=cfg["min_lr_ratio"], cosine=cfg["name"] == "cosine",
+                      restarts=tuple(e * steps_per_epoch for e in restart_epochs))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 

@@ -250,6 +250,11 @@ class Strategy:
         function of the epoch alone (`StepContext.epoch`), so a resumed run continues in its phase."""
         return self.schedule.held(epoch) if self.schedule is not None else NO_DIMS
 
+    def lr_restart_epochs(self) -> tuple[int, ...]:
+        """Epochs at which the learning-rate schedule starts again: each progressive-shrinking phase after
+        the first (OFA), none otherwise."""
+        return self.schedule.ends[:-1] if self.schedule is not None else ()
+
     def progress_metrics(self, epoch: int) -> dict[str, float]:
         """The phase index as a per-step metric when progressive shrinking is on (else nothing)."""
         return {"progressive_phase": float(self.schedule.phase(epoch))} if self.schedule is not None else {}
