@@ -1,7 +1,7 @@
 """A subnet as a board runs it: BatchNorm recalibrated, exported to verified ONNX, converted to the deploy
 precision, and scored in onnxruntime on the validation split.
 
-Quantization changes what a subnet answers (some subnets lose a point in INT8, others ten), so the accuracy
+Quantization changes what a subnet answers, and not by the same amount for every subnet, so the accuracy
 a user ships is the deployed model's, measured here beside the supernet's. The evaluator actors do it: they
 hold the supernet, the BN-recalibration images (which also calibrate INT8 activation ranges: training
 images, never validation ones) and the validation split.
